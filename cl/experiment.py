@@ -1,0 +1,275 @@
+"""A run as data: `RunConfig` (everything needed to rerun), config files, and `execute`.
+
+`execute(config, out)` turns names into objects through the registry, checks every input before
+anything is written, trains, and writes the run directory. The CLI's `cl run` and the ablation
+engine both call it, so a run is the same whichever way it was started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl import __version__, registry
+from cl.errors import UsageError
+from cl.spec import format_spec, parse_config, parse_spec
+from cl.types import SCENARIOS, StreamOptions
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run, complete: `config.json` holds exactly these fields."""
+
+    tasks: str = "split-digits"  # a stream name, maybe with settings: "split-hf:label_column=y"
+    scenario: str | None = None  # None: the stream's own scenario
+    num_tasks: int | None = None
+    classes_per_task: int | None = None
+    class_order: str = "natural"
+    data: str | None = None
+    model: str = "mlp"
+    hidden: tuple[int, ...] | None = None  # None: the model's default, resolved before saving
+    init: str = "default"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 5
+    eval_every: int = 0
+    eval_batch_size: int = 1024
+    log_every: int = 50
+    seed: int = 0
+    joint: bool = False
+    device: str = "cpu"
+    strategy: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scenario is not None and self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r} (known: {', '.join(SCENARIOS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hidden"] = list(self.hidden) if self.hidden is not None else None
+        data["strategy"] = list(self.strategy)
+        return data
+
+
+CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(RunConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML or JSON config file, keys checked against RunConfig's fields.
+
+    Dashes in keys are read as underscores (`batch-size` = `batch_size`), like the CLI flags.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UsageError(f"config file {path} must end in .toml or .json")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UsageError(f"config file {path} is not valid {path.suffix[1:].upper()}: "
+                         f"{str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a table of settings")
+    settings = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in config file {path} "
+                         f"(known: {', '.join(CONFIG_KEYS)})")
+    if isinstance(settings.get("strategy"), str):
+        settings["strategy"] = [settings["strategy"]]
+    return settings
+
+
+def make_config(settings: dict[str, Any], source: str = "run config") -> RunConfig:
+    """A RunConfig from loose settings (config file values, CLI flags), types checked."""
+    if isinstance(settings.get("hidden"), str):
+        settings = {**settings, "hidden": settings["hidden"].replace(",", "|")}
+    return parse_config(RunConfig, settings, owner=source)
+
+
+@dataclass
+class Built:
+    """The objects a RunConfig names, built and checked; `config` has its defaults resolved."""
+
+    config: RunConfig
+    stream: Any
+    model: Any
+    strategy: Any
+    train: Any
+
+
+def build(config: RunConfig) -> Built:
+    """Resolve every name of `config` and check every value; nothing is written here."""
+    from cl.models import build_seeded
+    from cl.runner import TrainConfig
+    from cl.strategy import Chain
+
+    train = TrainConfig(optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+                        weight_decay=config.weight_decay, batch_size=config.batch_size,
+                        epochs=config.epochs, eval_every=config.eval_every,
+                        eval_batch_size=config.eval_batch_size, log_every=config.log_every,
+                        seed=config.seed, joint=config.joint, device=config.device)
+    for name in ("num_tasks", "classes_per_task"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} must be positive, got {value}")
+    check_device(config.device)
+
+    stream_name, stream_params = parse_spec(config.tasks)
+    build_stream = registry.load("stream", stream_name)
+    build_model = registry.load("model", config.model)
+    strategies = []
+    for spec in config.strategy:
+        name, params = parse_spec(spec)
+        strategy_class = registry.load("strategy", name)
+        strategy_config = parse_config(strategy_class.config_class, params,
+                                       owner=f"strategy {name!r}")
+        strategies.append(strategy_class(strategy_config))
+    try:
+        strategy = Chain(*strategies)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    stream = build_stream(StreamOptions(
+        scenario=config.scenario, num_tasks=config.num_tasks,
+        classes_per_task=config.classes_per_task, class_order=config.class_order,
+        seed=config.seed, data=config.data, params=tuple(stream_params.items())))
+    hidden = config.hidden
+    if hidden is None:
+        hidden = tuple(inspect.signature(build_model).parameters["hidden"].default)
+    model = build_seeded(build_model, stream.input_shape, stream.num_classes, hidden,
+                         config.init, config.seed)
+    resolved = dataclasses.replace(config, hidden=hidden, scenario=stream.scenario,
+                                   tasks=format_spec(stream_name, stream_params))
+    return Built(resolved, stream, model, strategy, train)
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for but CUDA is not available here")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    return {"cl": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def metrics_of(built: Built, result: Any) -> dict[str, Any]:
+    """The content of `metrics.json`: R, the derived metrics, costs and provenance."""
+    import numpy as np
+
+    from cl import metrics
+    from cl.models import trainable_parameters
+
+    stream = built.stream
+    summary = metrics.summarize(result.accuracy, result.initial_accuracy, result.curve_steps,
+                                result.curve_accuracy, result.task_end_steps)
+    data: dict[str, Any] = {
+        "stream": stream.name,
+        "scenario": stream.scenario,
+        "num_tasks": len(stream.tasks),
+        "task_names": [task.name for task in stream.tasks],
+        "joint": built.config.joint,
+        "accuracy_matrix": result.accuracy.tolist(),
+        "initial_accuracy": result.initial_accuracy.tolist(),
+        **summary,
+    }
+    if result.task_accuracy is not None:
+        # A class-IL run also yields task-IL numbers: the same logits, masked to each task.
+        data["task_il"] = {
+            "accuracy_matrix": result.task_accuracy.tolist(),
+            "initial_accuracy": result.initial_task_accuracy.tolist(),
+            # Task-IL is only measured after each task, so its curve is the rows of its matrix.
+            **metrics.summarize(result.task_accuracy, result.initial_task_accuracy,
+                                result.task_end_steps, result.task_accuracy,
+                                result.task_end_steps),
+        }
+    data["final_macro_f1"] = metrics.macro_f1_per_task(
+        result.final_targets, result.final_predictions, [t.classes for t in stream.tasks])
+    data["confusion_matrix"] = metrics.confusion(
+        np.concatenate(result.final_targets), np.concatenate(result.final_predictions),
+        stream.num_classes).tolist()
+    data["curve"] = {"steps": result.curve_steps.tolist(),
+                     "accuracy": result.curve_accuracy.tolist(),
+                     "task_end_steps": list(result.task_end_steps)}
+    data.update({
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "trainable_parameters": trainable_parameters(built.model),
+        "versions": versions(),
+    })
+    return data
+
+
+def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
+    """`runs/<stream>-<strategies>-seed<seed>-<time>`: readable, and unique per second."""
+    strategies = "+".join(parse_spec(spec)[0] for spec in config.strategy) or "naive"
+    stream = parse_spec(config.tasks)[0]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{stream}-{strategies}-seed{config.seed}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / f"{stream}-{strategies}-seed{config.seed}-{stamp}-{suffix}"
+    return path
+
+
+def execute(config: RunConfig, out: str | Path | None = None, listener=None,
+            built: Built | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build, train and store one run; return its directory and its metrics.
+
+    Every input is checked before the directory is made; `metrics.json` is written last, so a
+    run that fails (bad data, a NaN loss, a full disk) never leaves a directory that looks done.
+    """
+    from cl import store
+    from cl.runner import run
+
+    built = built if built is not None else build(config)
+    run_dir = store.prepare_run_dir(Path(out) if out is not None else default_run_dir(config))
+    store.write_json(run_dir / store.CONFIG, built.config.to_dict())
+    result = run(built.model, built.stream, built.strategy, built.train, listener=listener)
+    data = metrics_of(built, result)
+    names = [task.name for task in built.stream.tasks]
+    row_names = ["joint"] if built.config.joint else names
+    store.write_matrix_csv(run_dir / store.MATRIX, ["initial", *row_names], names,
+                           [result.initial_accuracy.tolist(), *result.accuracy.tolist()])
+    store.write_jsonl(run_dir / store.EVENTS, result.events)
+    store.write_json(run_dir / store.METRICS, data)
+    return run_dir, data

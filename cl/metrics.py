@@ -1,0 +1,291 @@
+"""Continual-learning metrics: functions of the accuracy matrix R and of the evaluation curve.
+
+`R` has shape (T, T): row i is the model after training through task i, column j the task it is
+evaluated on, entries are accuracies in [0, 1]. A joint run (one training phase over all tasks)
+gives a single row, shape (1, T); only `average_accuracy` and `summarize` accept that form.
+
+The continual-evaluation curve (De Lange et al. 2023) is three arrays: `steps` (N,), the global
+training iteration of each evaluation, non-decreasing; `accuracy` (N, T), NaN where a task was
+not evaluated; and `task_end_steps` (T_trained,), the global step at which training on each task
+ended. The curve holds an evaluation at exactly each task end step, of at least every task seen
+so far.
+
+Pure numpy: scikit-learn is imported only inside the two functions that need it, and torch never.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def _matrix(R: ArrayLike) -> np.ndarray:
+    """R as a float 2-D array with at least one row and one column."""
+    R = np.asarray(R, dtype=float)
+    if R.ndim != 2 or R.shape[0] == 0 or R.shape[1] == 0:
+        raise ValueError(f"the accuracy matrix R must be a non-empty 2-D array, "
+                         f"got shape {R.shape}")
+    return R
+
+
+def _square(R: ArrayLike) -> np.ndarray:
+    """R as a float (T, T) array."""
+    R = _matrix(R)
+    if R.shape[0] != R.shape[1]:
+        raise ValueError(f"the accuracy matrix R must be square (T, T), got shape {R.shape}")
+    return R
+
+
+def _initial(initial: ArrayLike, num_tasks: int) -> np.ndarray:
+    initial = np.asarray(initial, dtype=float)
+    if initial.shape != (num_tasks,):
+        raise ValueError(f"initial accuracies must have shape ({num_tasks},), got {initial.shape}")
+    return initial
+
+
+def average_accuracy(R: ArrayLike) -> float:
+    """ACC = (1/T) * sum_j R[T-1, j]: mean accuracy over all tasks after training on the last.
+
+    Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
+    Accepts a square (T, T) matrix or the single row (1, T) of a joint run.
+    """
+    return float(np.mean(_matrix(R)[-1]))
+
+
+def backward_transfer(R: ArrayLike) -> float | None:
+    """BWT = 1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j]); negative means forgetting.
+
+    Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
+    None when T == 1 (no earlier task to transfer back to).
+    """
+    R = _square(R)
+    T = R.shape[0]
+    if T == 1:
+        return None
+    return float(np.mean(R[T - 1, : T - 1] - np.diag(R)[: T - 1]))
+
+
+def forward_transfer(R: ArrayLike, initial: ArrayLike) -> float | None:
+    """FWT = 1/(T-1) * sum_{j>=1} (R[j-1, j] - initial[j]).
+
+    `initial[j]` is the accuracy on task j of the model before any training (the paper's b_j,
+    the accuracy of a randomly initialised model), so FWT measures how much learning tasks
+    0..j-1 helps task j before it is seen.
+    Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
+    None when T == 1.
+    """
+    R = _square(R)
+    T = R.shape[0]
+    initial = _initial(initial, T)
+    if T == 1:
+        return None
+    return float(np.mean(np.diag(R, k=1) - initial[1:]))
+
+
+def forgetting_per_task(R: ArrayLike) -> np.ndarray:
+    """f_j = max_{l in 0..T-2} R[l, j] - R[T-1, j] for each j < T-1; shape (T-1,).
+
+    Chaudhry et al., "Riemannian Walk for Incremental Learning: Understanding Forgetting and
+    Intransigence", ECCV 2018. As in the paper the max runs over every earlier row, including
+    rows l < j from before task j was trained, so f_j can be negative when the final model is
+    better on task j than any earlier one.
+    """
+    R = _square(R)
+    T = R.shape[0]
+    if T == 1:
+        return np.zeros(0)
+    return R[: T - 1, : T - 1].max(axis=0) - R[T - 1, : T - 1]
+
+
+def forgetting(R: ArrayLike) -> float | None:
+    """Average forgetting F = 1/(T-1) * sum_{j<T-1} f_j, with f_j from `forgetting_per_task`.
+
+    Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018. None when T == 1.
+    Since the max in f_j includes l = j, f_j >= R[j, j] - R[T-1, j], hence F >= -BWT.
+    """
+    per_task = forgetting_per_task(R)
+    if per_task.size == 0:
+        return None
+    return float(np.mean(per_task))
+
+
+def learning_accuracy(R: ArrayLike) -> float:
+    """LA = (1/T) * sum_j R[j, j]: mean accuracy on each task just after learning it.
+
+    Riemer et al., "Learning to Learn without Forgetting by Maximizing Transfer and Minimizing
+    Interference", ICLR 2019.
+    """
+    return float(np.mean(np.diag(_square(R))))
+
+
+def _curve(steps: ArrayLike, accuracy: ArrayLike,
+           task_end_steps: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three curve arrays, checked for shape and order."""
+    steps = np.asarray(steps)
+    accuracy = np.asarray(accuracy, dtype=float)
+    task_end_steps = np.asarray(task_end_steps)
+    if steps.ndim != 1:
+        raise ValueError(f"steps must be 1-D, got shape {steps.shape}")
+    if accuracy.ndim != 2 or accuracy.shape[0] != steps.shape[0]:
+        raise ValueError(f"accuracy must have shape ({steps.shape[0]}, T) to match steps, "
+                         f"got {accuracy.shape}")
+    if task_end_steps.ndim != 1 or task_end_steps.size == 0:
+        raise ValueError(f"task_end_steps must be a non-empty 1-D array, "
+                         f"got shape {task_end_steps.shape}")
+    if task_end_steps.size > accuracy.shape[1]:
+        raise ValueError(f"{task_end_steps.size} trained tasks but accuracy has only "
+                         f"{accuracy.shape[1]} task columns")
+    if np.any(np.diff(steps) < 0):
+        raise ValueError("steps must be non-decreasing")
+    if np.any(np.diff(task_end_steps) < 0):
+        raise ValueError("task_end_steps must be non-decreasing")
+    return steps, accuracy, task_end_steps
+
+
+def _at_task_end(steps: np.ndarray, accuracy: np.ndarray, task_end_steps: np.ndarray,
+                 task: int) -> float:
+    """Accuracy on `task` at its own task end step (the last such evaluation, if repeated)."""
+    values = accuracy[steps == task_end_steps[task], task]
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        raise ValueError(f"the curve has no evaluation of task {task} "
+                         f"at its task end step {task_end_steps[task]}")
+    return float(values[-1])
+
+
+def _window_min(steps: np.ndarray, accuracy: np.ndarray, task: int, after: int,
+                until: int) -> float | None:
+    """Min accuracy on `task` over evaluations with after < step <= until; None if there is none."""
+    values = accuracy[(steps > after) & (steps <= until), task]
+    values = values[~np.isnan(values)]
+    return float(values.min()) if values.size else None
+
+
+def min_accuracy(steps: ArrayLike, accuracy: ArrayLike,
+                 task_end_steps: ArrayLike) -> float | None:
+    """min-ACC after the last trained task k = T_trained - 1.
+
+    min-ACC = 1/k * sum_{i<k} min_{task_end_steps[i] < step <= task_end_steps[k]} accuracy[step, i]:
+    the mean over earlier tasks of the worst accuracy seen on each from the end of its training
+    up to now (NaN entries, tasks not evaluated at a step, are ignored). A lower bound on what a
+    user stopping at any evaluated step would have got, where ACC only looks at task ends.
+    De Lange, van de Ven & Tuytelaars, "Continual evaluation for lifelong learning: identifying
+    the stability gap", ICLR 2023. None when k == 0.
+    """
+    steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
+    k = task_end_steps.size - 1
+    if k == 0:
+        return None
+    minima = []
+    for i in range(k):
+        worst = _window_min(steps, accuracy, i, task_end_steps[i], task_end_steps[k])
+        if worst is None:
+            raise ValueError(f"the curve has no evaluation of task {i} after its task end step "
+                             f"{task_end_steps[i]} (up to step {task_end_steps[k]})")
+        minima.append(worst)
+    return float(np.mean(minima))
+
+
+def worst_case_accuracy(steps: ArrayLike, accuracy: ArrayLike, task_end_steps: ArrayLike) -> float:
+    """WC-ACC = 1/(k+1) * a_k + (1 - 1/(k+1)) * min-ACC, with k = T_trained - 1.
+
+    a_k is the accuracy on the last trained task k at its own task end step; min-ACC is
+    `min_accuracy`. It trades the current task's accuracy against the worst case on earlier
+    ones, weighting each task equally. With k == 0 it is a_0.
+    De Lange, van de Ven & Tuytelaars, "Continual evaluation for lifelong learning: identifying
+    the stability gap", ICLR 2023 (their k counts from 1, hence k+1 here).
+    """
+    steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
+    k = task_end_steps.size - 1
+    current = _at_task_end(steps, accuracy, task_end_steps, k)
+    if k == 0:
+        return current
+    earlier = min_accuracy(steps, accuracy, task_end_steps)
+    return float(current / (k + 1) + (1 - 1 / (k + 1)) * earlier)
+
+
+def stability_gap(steps: ArrayLike, accuracy: ArrayLike, task_end_steps: ArrayLike) -> np.ndarray:
+    """Per task i < k: the largest drop of its accuracy during training of the next task.
+
+    gap_i = max(0, a_i - min_{task_end_steps[i] < step <= task_end_steps[i+1]} accuracy[step, i]),
+    where a_i is the accuracy on task i at its own task end step; shape (k,) with
+    k = T_trained - 1. The "stability gap" of De Lange, van de Ven & Tuytelaars (ICLR 2023) is
+    the transient dip at the start of a new task that task-end evaluation never sees: a task
+    whose accuracy falls from 0.9 to 0.3 and recovers to 0.8 has gap 0.6, not the 0.1 forgetting
+    R shows. Clipped at 0 (a curve that never falls below a_i has gap 0), and 0 when no
+    evaluation of task i lies in the window (the next task took no steps). Meant for plots and
+    tables, not a metric from the paper's summary.
+    """
+    steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
+    k = task_end_steps.size - 1
+    gaps = np.zeros(k)
+    for i in range(k):
+        worst = _window_min(steps, accuracy, i, task_end_steps[i], task_end_steps[i + 1])
+        if worst is not None:
+            gaps[i] = max(0.0, _at_task_end(steps, accuracy, task_end_steps, i) - worst)
+    return gaps
+
+
+def macro_f1_per_task(y_true: list[np.ndarray], y_pred: list[np.ndarray],
+                      classes: list[Sequence[int]]) -> list[float]:
+    """Macro-averaged F1 of each task over that task's own classes.
+
+    F1_t = sklearn f1_score(y_true[t], y_pred[t], average="macro", labels=classes[t],
+    zero_division=0): a prediction outside the task's classes counts as a miss, never as a
+    class of its own.
+    """
+    from sklearn.metrics import f1_score
+
+    if not len(y_true) == len(y_pred) == len(classes):
+        raise ValueError(f"y_true, y_pred and classes must have one entry per task, "
+                         f"got {len(y_true)}, {len(y_pred)} and {len(classes)}")
+    scores = []
+    for task, (truth, predicted, labels) in enumerate(zip(y_true, y_pred, classes, strict=True)):
+        if len(truth) == 0:
+            raise ValueError(f"task {task} has no test samples to score")
+        scores.append(float(f1_score(truth, predicted, average="macro", labels=list(labels),
+                                     zero_division=0)))
+    return scores
+
+
+def confusion(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
+    """Confusion matrix (num_classes, num_classes): entry [a, b] counts true class a predicted b."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+
+
+def summarize(R: ArrayLike, initial: ArrayLike, steps: ArrayLike, accuracy: ArrayLike,
+              task_end_steps: ArrayLike) -> dict[str, float | None | list]:
+    """Every summary metric of a run as plain Python values, ready for JSON.
+
+    Keys: "acc", "bwt", "fwt", "forgetting", "forgetting_per_task", "learning_accuracy",
+    "min_acc", "wc_acc". R is (T, T) for a sequential run, or (1, T) for a joint run (one
+    training phase over all tasks): then only "acc" is defined, the rest are None (and
+    "forgetting_per_task" is empty), since they compare states across tasks a joint run never has.
+    """
+    R = _matrix(R)
+    T = R.shape[1]
+    initial = _initial(initial, T)
+    if R.shape[0] == 1 and T > 1:
+        return {"acc": average_accuracy(R), "bwt": None, "fwt": None, "forgetting": None,
+                "forgetting_per_task": [], "learning_accuracy": None, "min_acc": None,
+                "wc_acc": None}
+    R = _square(R)
+    steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
+    if accuracy.shape[1] != T or task_end_steps.size != T:
+        raise ValueError(f"the curve must cover the {T} tasks of R: accuracy has "
+                         f"{accuracy.shape[1]} task columns and task_end_steps "
+                         f"{task_end_steps.size} entries")
+    return {
+        "acc": average_accuracy(R),
+        "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R, initial),
+        "forgetting": forgetting(R),
+        "forgetting_per_task": [float(f) for f in forgetting_per_task(R)],
+        "learning_accuracy": learning_accuracy(R),
+        "min_acc": min_accuracy(steps, accuracy, task_end_steps),
+        "wc_acc": worst_case_accuracy(steps, accuracy, task_end_steps),
+    }

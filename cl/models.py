@@ -1,0 +1,121 @@
+"""Built-in models (an MLP, a small CNN), their initialisation, and the one place logits are taken.
+
+A registered model is a function `build(input_shape, num_classes, hidden, init) -> nn.Module`;
+the registry key is the `--model` word.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cl.errors import UsageError
+from cl.types import Inputs
+
+INITS = ("default", "xavier")
+
+
+def logits_of(model: nn.Module, x: Inputs) -> Tensor:
+    """The model's logits for `x`: a transformers model takes `**x` and returns `.logits`."""
+    if isinstance(x, dict):
+        return model(**x).logits
+    return model(x)
+
+
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """Apply an initialisation scheme in place: `default` keeps PyTorch's; `xavier` gives
+    Xavier-uniform weights and zero biases to every linear and conv layer (the MLP of the
+    DER / Mammoth Seq-MNIST protocol)."""
+    if init not in INITS:
+        raise UsageError(f"unknown init {init!r} (known: {', '.join(INITS)})")
+    if init == "xavier":
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
+
+
+def _check_sizes(hidden: Sequence[int], what: str) -> tuple[int, ...]:
+    sizes = tuple(int(size) for size in hidden)
+    for size in sizes:
+        if size <= 0:
+            raise UsageError(f"{what} sizes must be positive, got {size}")
+    return sizes
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU blocks and a linear head (named `head`)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class CNN(nn.Module):
+    """Two 3x3 conv blocks (32, 64 channels, ReLU, 2x2 max-pool), a hidden linear layer, a head.
+
+    Small enough for CPU runs on MNIST-sized images; the pooling is skipped where the feature
+    map is already too small (8x8 digits)."""
+
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise UsageError(f"the cnn needs image inputs (channels, height, width), "
+                             f"got input shape {tuple(input_shape)}")
+        channels, height, width = input_shape
+        blocks: list[nn.Module] = []
+        for out_channels in (32, 64):
+            blocks += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU()]
+            if min(height, width) >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            channels = out_channels
+        blocks.append(nn.Flatten())
+        features = channels * height * width
+        for size in hidden:
+            blocks += [nn.Linear(features, size), nn.ReLU()]
+            features = size
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def build_mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (100, 100),
+              init: str = "default") -> nn.Module:
+    """MLP: flatten, hidden ReLU layers (default 2x100, the literature's MNIST MLP), linear head."""
+    mlp = MLP(math.prod(input_shape), _check_sizes(hidden, "hidden"), num_classes)
+    return initialise(mlp, init)
+
+
+def build_cnn(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (100,),
+              init: str = "default") -> nn.Module:
+    """CNN: two conv blocks (32, 64 channels), hidden linear layers (default 100), linear head."""
+    return initialise(CNN(input_shape, _check_sizes(hidden, "hidden"), num_classes), init)
+
+
+def build_seeded(build, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
+                 init: str, seed: int) -> nn.Module:
+    """Build a model with initial weights drawn from `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(input_shape, num_classes, hidden, init)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)

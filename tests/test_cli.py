@@ -1,0 +1,206 @@
+"""`cl run` and `cl list` end to end on split-digits, and every bad input: one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli import main
+
+FAST = ["--epochs", "1", "--batch-size", "32"]
+
+
+def cl(*args: str) -> int:
+    """Run the CLI in-process; return its exit code."""
+    try:
+        main([str(arg) for arg in args])
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def matrix(run_dir: Path) -> np.ndarray:
+    return np.array(json.loads((run_dir / "metrics.json").read_text())["accuracy_matrix"])
+
+
+def test_run_prints_the_matrix_and_writes_a_complete_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cl("run", "--out", out, *FAST) == 0
+    printed = capsys.readouterr().out
+    for needle in ("initial", "T4 classes 8,9", "ACC", "BWT", "Forgetting", "task-IL",
+                   f"run saved in {out}"):
+        assert needle in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "events.jsonl", "matrix.csv", "metrics.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy_matrix", "initial_accuracy", "acc", "bwt", "fwt", "forgetting",
+                "learning_accuracy", "min_acc", "wc_acc", "train_seconds", "eval_seconds",
+                "peak_rss_mb", "trainable_parameters", "final_macro_f1", "confusion_matrix"):
+        assert key in metrics, key
+    assert set(metrics["versions"]) >= {"cl", "torch", "python"}
+    assert np.array(metrics["accuracy_matrix"]).shape == (5, 5)
+    assert metrics["acc"] == pytest.approx(np.mean(metrics["accuracy_matrix"][-1]))
+    lines = (out / "matrix.csv").read_text().splitlines()
+    assert lines[0].startswith("after,") and lines[1].startswith("initial,") and len(lines) == 7
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["task"] for e in events if e["event"] == "task_end"] == [0, 1, 2, 3, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden"] == [100, 100] and config["scenario"] == "class"
+
+
+def test_same_seed_and_rerun_from_config_give_the_same_matrix(tmp_path):
+    args = ("--seed", "3", "--eval-every", "5", *FAST)
+    assert cl("run", "--out", tmp_path / "a", *args) == 0
+    assert cl("run", "--out", tmp_path / "b", *args) == 0
+    assert cl("run", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "c") == 0
+    first = matrix(tmp_path / "a")
+    assert np.array_equal(first, matrix(tmp_path / "b"))
+    assert np.array_equal(first, matrix(tmp_path / "c"))
+    assert (tmp_path / "a" / "events.jsonl").read_text() == \
+        (tmp_path / "c" / "events.jsonl").read_text()
+    assert cl("run", "--out", tmp_path / "d", "--seed", "4", "--eval-every", "5", *FAST) == 0
+    assert not np.array_equal(first, matrix(tmp_path / "d"))
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('epochs = 1\nbatch-size = 32\nhidden = [20]\nscenario = "task"\n')
+    assert cl("run", "--config", config, "--hidden", "24,12", "--out", tmp_path / "run") == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["hidden"] == [24, 12] and saved["scenario"] == "task"
+    assert saved["batch_size"] == 32
+
+
+def test_other_scenarios_models_and_joint(tmp_path):
+    assert cl("run", "--out", tmp_path / "j", "--joint", *FAST) == 0
+    assert matrix(tmp_path / "j").shape == (1, 5)
+    assert cl("run", "--out", tmp_path / "d", "--scenario", "domain", "--model", "cnn",
+              "--hidden", "16", *FAST) == 0
+    assert matrix(tmp_path / "d").shape == (5, 5)
+    assert cl("run", "--out", tmp_path / "p", "--tasks", "permuted-digits", "--num-tasks", "3",
+              "--optimizer", "adam", "--lr", "0.001", *FAST) == 0
+    assert matrix(tmp_path / "p").shape == (3, 3)
+
+
+def test_list_shows_streams_strategies_and_models(capsys):
+    assert cl("list") == 0
+    printed = capsys.readouterr().out
+    for name in ("split-digits", "split-mnist", "permuted-mnist", "rotated-mnist", "naive",
+                 "mlp", "cnn"):
+        assert name in printed
+
+
+@pytest.fixture
+def bad_npz(tmp_path) -> Path:
+    path = tmp_path / "bad.npz"
+    path.write_text("this is not a zip archive")
+    return path
+
+
+BAD_INPUTS = [
+    (["--tasks", "split-nothing"], "unknown stream 'split-nothing'"),
+    (["--strategy", "magic"], "unknown strategy 'magic'"),
+    (["--strategy", "naive:decay=0.9"], "unknown setting 'decay' for strategy 'naive'"),
+    (["--strategy", "naive", "--strategy", "naive"], "'naive' appears more than once"),
+    (["--model", "transformer9000"], "unknown model 'transformer9000'"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["--scenario", "sideways"], "unknown scenario 'sideways'"),
+    (["--batch-size", "0"], "batch_size must be positive, got 0"),
+    (["--epochs", "-1"], "epochs must be positive, got -1"),
+    (["--lr", "-0.1"], "lr must be a positive number, got -0.1"),
+    (["--hidden", "100,0"], "hidden sizes must be positive, got 0"),
+    (["--hidden", "100,x"], "bad value 'x' for cl run setting 'hidden'"),
+    (["--num-tasks", "0"], "num_tasks must be positive, got 0"),
+    (["--classes-per-task", "3"], "3 does not divide"),
+    (["--class-order", "1,2,3"], "1,2,3"),
+    (["--tasks", "split-mnist", "--data", "{missing}"], "missing.npz"),
+    (["--tasks", "split-mnist", "--data", "{bad_npz}"], "bad.npz"),
+    (["--tasks", "split-npz"], "--data"),
+    (["--device", "tpu9"], "tpu9"),
+    (["--epochs", "abc"], "bad value 'abc' for cl run setting 'epochs': expected an integer"),
+    (["--lr", "fast"], "bad value 'fast' for cl run setting 'lr': expected a number"),
+    (["--epochz", "3"], "--epochz"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_finished_run(tmp_path, capsys, bad_npz, args,
+                                                          message):
+    args = [a.format(missing=tmp_path / "missing.npz", bad_npz=bad_npz) for a in args]
+    out = tmp_path / "run"
+    assert cl("run", "--out", out, *FAST, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    assert message in err
+    assert not (out / "metrics.json").exists()
+
+
+def test_bad_config_file_keys(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("epochs = 1\nlearning_rate = 0.1\n")
+    assert cl("run", "--config", config, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown key 'learning_rate' in config file") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cl("run", "--out", out, *FAST) == 0
+    before = (out / "metrics.json").read_text()
+    assert cl("run", "--out", out, *FAST) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_nan_loss_stops_with_task_and_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cl("run", "--out", out, "--lr", "1e30", *FAST) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: loss is ") and "on task 0 (classes 0,1) at step" in err
+    assert "\n" not in err
+    assert not (out / "metrics.json").exists()
+
+
+def test_full_disk_is_one_line_and_leaves_no_metrics(tmp_path, capsys, monkeypatch):
+    real_fsync = os.fsync
+    out = tmp_path / "run"
+
+    def fsync(fd):  # the disk fills up when the metrics are written
+        if any(p.name.startswith(".metrics.json") for p in out.iterdir()):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert cl("run", "--out", out, *FAST) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: No space left on device"
+    assert not (out / "metrics.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_console_script_help_is_fast_and_loads_no_torch():
+    code = ("import sys, cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'datasets', 'transformers', 'numpy') "
+            "if m in sys.modules]\nprint('HEAVY', heavy)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert "Usage: cl" in done.stdout
+    assert "HEAVY []" in done.stdout
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path):
+    script = Path(sys.executable).with_name("cl")  # the console script of this environment
+    done = subprocess.run([str(script), "run", "--tasks", "nope", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: unknown stream 'nope'")
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,257 @@
+"""The runner: exact hook order, Chain composition, masking per scenario, determinism, NaN stops."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from helpers import blob_stream, tiny_model
+
+from cl.errors import DivergenceError
+from cl.runner import TrainConfig, run
+from cl.strategy import Chain, Strategy
+
+
+class Recorder(Strategy):
+    """Records every hook call as (strategy name, hook, task index)."""
+
+    def __init__(self, name: str, calls: list) -> None:
+        self.name = name
+        self.calls = calls
+
+    def before_run(self, model, stream, seed):
+        self.calls.append((self.name, "before_run", None))
+
+    def before_task(self, model, task):
+        self.calls.append((self.name, "before_task", task.index))
+
+    def param_groups(self, model, groups):
+        self.calls.append((self.name, "param_groups", None))
+        return groups
+
+    def transform_batch(self, batch, task):
+        self.calls.append((self.name, "transform_batch", task.index))
+        return batch
+
+    def loss_terms(self, model, batch, logits, task):
+        self.calls.append((self.name, "loss_terms", task.index))
+        return {"zero": logits.sum() * 0.0}
+
+    def after_step(self, model, batch, task):
+        self.calls.append((self.name, "after_step", task.index))
+
+    def after_task(self, model, task):
+        self.calls.append((self.name, "after_task", task.index))
+
+    @contextlib.contextmanager
+    def eval_context(self, model, task):
+        self.calls.append((self.name, "eval_enter", task.index))
+        yield
+        self.calls.append((self.name, "eval_exit", task.index))
+
+
+def two_by_two():
+    """2 tasks of 4 training rows; batch 2 and 1 epoch give exactly 2 steps per task."""
+    stream = blob_stream(num_tasks=2, classes_per_task=2, train_per_class=2, test_per_class=2)
+    return stream, tiny_model(stream), TrainConfig(batch_size=2, epochs=1, lr=0.1)
+
+
+def test_exact_hook_order():
+    stream, model, config = two_by_two()
+    calls: list = []
+    run(model, stream, Recorder("rec", calls), config)
+    hooks = [(hook, task) for _, hook, task in calls]
+    evaluate_all = [("eval_enter", 0), ("eval_exit", 0), ("eval_enter", 1), ("eval_exit", 1)]
+    step = lambda t: [("transform_batch", t), ("loss_terms", t), ("after_step", t)]  # noqa: E731
+    expected = [("before_run", None), *evaluate_all]
+    for t in (0, 1):
+        expected += [("before_task", t), ("param_groups", None), *step(t), *step(t),
+                     ("after_task", t), *evaluate_all]
+    assert hooks == expected
+
+
+def test_chain_runs_hooks_in_written_order_and_nests_eval_contexts():
+    stream, model, config = two_by_two()
+    calls: list = []
+    run(model, stream, Chain(Recorder("a", calls), Recorder("b", calls)), config)
+    # Every hook runs a then b, except eval exits, which unwind b then a (nested contexts).
+    assert calls[:3] == [("a", "before_run", None), ("b", "before_run", None),
+                         ("a", "eval_enter", 0)]
+    assert calls[3:6] == [("b", "eval_enter", 0), ("b", "eval_exit", 0), ("a", "eval_exit", 0)]
+    first_step = [c for c in calls if c[1] in ("transform_batch", "loss_terms", "after_step")][:6]
+    assert first_step == [("a", "transform_batch", 0), ("b", "transform_batch", 0),
+                          ("a", "loss_terms", 0), ("b", "loss_terms", 0),
+                          ("a", "after_step", 0), ("b", "after_step", 0)]
+
+
+def test_chain_merges_loss_terms_under_names_and_rejects_duplicates():
+    stream, model, _ = two_by_two()
+    chain = Chain(Recorder("a", []), Recorder("b", []))
+    task = stream.tasks[0]
+    logits = model(task.train.x)
+    assert sorted(chain.loss_terms(model, None, logits, task)) == ["a/zero", "b/zero"]
+    with pytest.raises(ValueError, match="'a' appears more than once"):
+        Chain(Recorder("a", []), Recorder("a", []))
+
+
+class Scaled(Strategy):
+    """Adds `weight * sum of squared head weights` and halves the head's learning rate."""
+
+    name = "scaled"
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def loss_terms(self, model, batch, logits, task):
+        return {"l2": self.weight * model[2].weight.pow(2).sum()}
+
+
+class HeadLrZero(Strategy):
+    name = "head_lr_zero"
+
+    def param_groups(self, model, groups):
+        head = {id(p) for p in model[2].parameters()}
+        rest = [p for g in groups for p in g["params"] if id(p) not in head]
+        return [{"params": rest}, {"params": list(model[2].parameters()), "lr": 0.0}]
+
+
+def test_chain_equals_the_strategies_applied_by_hand():
+    """A Chain of two strategies trains exactly like one strategy doing both things."""
+
+    class ByHand(Strategy):
+        name = "by_hand"
+        loss_terms = Scaled.loss_terms
+        param_groups = HeadLrZero.param_groups
+
+        def __init__(self):
+            self.weight = 0.5
+
+    stream, _, config = two_by_two()
+    chained, by_hand = tiny_model(stream), tiny_model(stream)
+    result_chain = run(chained, stream, Chain(Scaled(0.5), HeadLrZero()), config)
+    result_hand = run(by_hand, stream, ByHand(), config)
+    np.testing.assert_array_equal(result_chain.accuracy, result_hand.accuracy)
+    for p, q in zip(chained.parameters(), by_hand.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_param_groups_and_loss_terms_take_effect():
+    stream, model, config = two_by_two()
+    head_before = [p.detach().clone() for p in model[2].parameters()]
+    first_before = model[0].weight.detach().clone()
+    run(model, stream, HeadLrZero(), config)
+    for before, after in zip(head_before, model[2].parameters(), strict=True):
+        assert torch.equal(before, after)  # lr 0 group: bitwise unchanged
+    assert not torch.equal(first_before, model[0].weight)
+
+    plain, penalised = tiny_model(stream), tiny_model(stream)
+    run(plain, stream, None, config)
+    run(penalised, stream, Scaled(1.0), config)  # each step shrinks the head by 20%
+    assert penalised[2].weight.norm() < plain[2].weight.norm()
+
+
+def test_task_scenario_masks_training_to_the_task_classes():
+    """In task-IL, a row's loss never reaches the logits of other tasks' classes."""
+    stream = blob_stream(num_tasks=2, scenario="task")
+    model = tiny_model(stream)
+    head_before = model[2].weight.detach().clone()
+    one_task = type(stream)(stream.name, stream.tasks[:1], "task", stream.num_classes,
+                            stream.input_shape)
+    run(model, one_task, None, TrainConfig(batch_size=4, lr=0.1))
+    # Classes 2 and 3 belong to task 1 only: their head rows got no gradient from task 0.
+    assert torch.equal(model[2].weight[2:], head_before[2:])
+    assert not torch.equal(model[2].weight[:2], head_before[:2])
+
+
+def test_task_scenario_masks_evaluation_and_class_scenario_reports_task_il():
+    stream = blob_stream(num_tasks=2, scenario="class")
+    model = tiny_model(stream)
+    with torch.no_grad():  # a head that always prefers class 3 (task 1)
+        model[2].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e4]))
+    config = TrainConfig(lr=1e-9, batch_size=64)  # training leaves the bias as it is
+    class_il = run(model, stream, None, config)
+    # Unmasked, task 0 is never right; masked to its classes the bias is irrelevant.
+    assert class_il.accuracy[0, 0] == 0.0
+    assert class_il.task_accuracy is not None and class_il.task_accuracy[0, 0] > 0.5
+    task_stream = type(stream)(stream.name, stream.tasks, "task", stream.num_classes,
+                               stream.input_shape)
+    task_il = run(model, task_stream, None, config)
+    assert task_il.accuracy[0, 0] > 0.5
+    assert task_il.task_accuracy is None
+
+
+def test_same_seed_same_matrix_bit_for_bit_and_other_seed_differs():
+    stream = blob_stream(num_tasks=3, train_per_class=16)
+    config = TrainConfig(batch_size=4, epochs=2, lr=0.05, eval_every=3)
+    first = run(tiny_model(stream), stream, None, config)
+    second = run(tiny_model(stream), stream, None, config)
+    assert np.array_equal(first.accuracy, second.accuracy)
+    assert np.array_equal(first.curve_accuracy, second.curve_accuracy, equal_nan=True)
+    assert [e for e in first.events] == [e for e in second.events]
+    other = run(tiny_model(stream), stream, None, TrainConfig(batch_size=4, epochs=2, lr=0.05,
+                                                              eval_every=3, seed=1))
+    assert [e["loss"] for e in other.events if e["event"] == "loss"] != \
+        [e["loss"] for e in first.events if e["event"] == "loss"]
+
+
+def test_run_leaves_the_global_rng_alone():
+    stream = blob_stream()
+    state = torch.get_rng_state()
+    run(tiny_model(stream), stream, None, TrainConfig())
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_matrix_shapes_curve_and_initial_row():
+    stream = blob_stream(num_tasks=3, train_per_class=8)
+    result = run(tiny_model(stream), stream, None, TrainConfig(batch_size=4, eval_every=2))
+    assert result.accuracy.shape == (3, 3)
+    assert result.initial_accuracy.shape == (3,)
+    # 16 rows per task, batch 4: 4 steps a task; evaluations at steps 2, 4 (end), 6, 8, ...;
+    # a continual evaluation that falls on a task's end is the full one, not a second one.
+    assert result.task_end_steps == [4, 8, 12]
+    assert result.steps == 12
+    assert list(result.curve_steps) == [2, 4, 6, 8, 10, 12]
+    # During task 0 only task 0 is evaluated; the end-of-task rows cover every task.
+    assert np.isnan(result.curve_accuracy[0, 1]) and not np.isnan(result.curve_accuracy[0, 0])
+    assert not np.isnan(result.curve_accuracy[1]).any()
+    np.testing.assert_array_equal(result.curve_accuracy[[1, 3, 5]], result.accuracy)
+    assert len(result.final_predictions) == 3
+    assert all(0 <= a <= 1 for a in result.accuracy.ravel())
+
+
+def test_joint_training_is_one_phase_over_all_tasks():
+    stream = blob_stream(num_tasks=3)
+    config = TrainConfig(joint=True, batch_size=4, epochs=3, lr=0.1)
+    result = run(tiny_model(stream), stream, None, config)
+    assert result.accuracy.shape == (1, 3)
+    assert result.steps == 3 * 12  # 3 tasks of 16 rows, batch 4, 3 epochs
+    assert result.accuracy.min() > 0.5  # blobs are easy once all classes are seen together
+
+
+class NanLoss(Strategy):
+    name = "nan"
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.seen = at_step, 0
+
+    def loss_terms(self, model, batch, logits, task):
+        self.seen += 1
+        return {"bad": torch.tensor(float("nan") if self.seen == self.at_step else 0.0)}
+
+
+def test_nan_loss_stops_naming_task_and_step():
+    stream = blob_stream(num_tasks=2)
+    model = tiny_model(stream)
+    # 16 rows, batch 4: 4 steps per task, so the 6th step is step 2 of task 1.
+    with pytest.raises(DivergenceError, match=r"loss is nan on task 1 \(t1\) at step 2"):
+        run(model, stream, NanLoss(at_step=6), TrainConfig(batch_size=4))
+
+
+def test_strategy_state_round_trips_through_chain():
+    chain = Chain(Recorder("a", []), Recorder("b", []))
+    assert chain.state_dict() == {"a": {}, "b": {}}
+    chain.load_state_dict({"a": {}})
+    with pytest.raises(ValueError, match="not in the chain: zzz"):
+        chain.load_state_dict({"zzz": {}})
