@@ -98,7 +98,10 @@ def run_command(
 
         def listener(event: dict) -> None:
             if event["event"] == "step":
-                progress.update(task_bar, completed=event["step"], total=event["total_steps"])
+                phase = "joint" if built.config.joint else \
+                    f"task {event['task'] + 1}/{len(built.stream.tasks)}"
+                progress.update(task_bar, completed=event["step"], total=event["total_steps"],
+                                description=f"training {phase}")
 
         run_dir, metrics = execute(built.config, out, listener=listener, built=built)
     _print_run(console, metrics, run_dir)

@@ -124,11 +124,9 @@ def build(config: RunConfig) -> Built:
     from cl.runner import TrainConfig
     from cl.strategy import Chain
 
-    train = TrainConfig(optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-                        weight_decay=config.weight_decay, batch_size=config.batch_size,
-                        epochs=config.epochs, eval_every=config.eval_every,
-                        eval_batch_size=config.eval_batch_size, log_every=config.log_every,
-                        seed=config.seed, joint=config.joint, device=config.device)
+    # RunConfig holds every TrainConfig field under the same name.
+    train = TrainConfig(**{field.name: getattr(config, field.name)
+                           for field in dataclasses.fields(TrainConfig)})
     for name in ("num_tasks", "classes_per_task"):
         value = getattr(config, name)
         if value is not None and value <= 0:

@@ -178,7 +178,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
     """Train `model` on the tasks of `stream` in order and return the accuracy matrix and curves.
 
     `listener`, when given, receives every event dict (losses, evaluations, task ends) and
-    `{"event": "step", "step": k, "total_steps": n}` after each optimizer step (progress bars).
+    `{"event": "step", "step": k, "total_steps": n, "task": t}` after each optimizer step (for
+    progress bars).
     The global RNG is seeded for the run and restored afterwards, so runs are reproducible and
     leave the caller's random state alone.
     """
@@ -284,7 +285,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                         eval_seconds += time.perf_counter() - started
                         started = time.perf_counter()
                     if listener is not None:
-                        listener({"event": "step", "step": step, "total_steps": total_steps})
+                        listener({"event": "step", "step": step, "total_steps": total_steps,
+                                  "task": task.index})
             if window_steps:
                 emit({"event": "loss", "step": step, "task": task.index, "epoch": epoch,
                       "loss": window_loss / window_steps,

@@ -204,3 +204,18 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: unknown stream 'nope'")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_mnist_without_data_offline_is_one_line_pointing_to_data(tmp_path):
+    """No --data means the Hugging Face hub; offline, that is one line saying what to pass."""
+    script = Path(sys.executable).with_name("cl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "ds")}
+    done = subprocess.run([str(script), "run", "--tasks", "split-mnist", "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "ylecun/mnist" in lines[0] and "--data path/to/mnist.npz" in lines[0]
+    assert not (tmp_path / "r" / "metrics.json").exists()
