@@ -95,13 +95,15 @@ def run_command(
     console = _console()
     with _progress(console) as progress:
         task_bar = progress.add_task("training", total=None)
+        num_tasks = len(built.stream.tasks)
+        # Built once: the listener runs after every optimizer step.
+        descriptions = (["training joint"] if built.config.joint else
+                        [f"training task {index + 1}/{num_tasks}" for index in range(num_tasks)])
 
         def listener(event: dict) -> None:
             if event["event"] == "step":
-                phase = "joint" if built.config.joint else \
-                    f"task {event['task'] + 1}/{len(built.stream.tasks)}"
                 progress.update(task_bar, completed=event["step"], total=event["total_steps"],
-                                description=f"training {phase}")
+                                description=descriptions[event["task"]])
 
         run_dir, metrics = execute(built.config, out, listener=listener, built=built)
     _print_run(console, metrics, run_dir)

@@ -14,6 +14,7 @@ import pytest
 from cli import main
 
 FAST = ["--epochs", "1", "--batch-size", "32"]
+SCRIPT = Path(sys.executable).with_name("cl")  # the console script of this environment
 
 
 def cl(*args: str) -> int:
@@ -198,8 +199,7 @@ def test_console_script_help_is_fast_and_loads_no_torch():
 
 
 def test_console_script_bad_input_has_no_traceback(tmp_path):
-    script = Path(sys.executable).with_name("cl")  # the console script of this environment
-    done = subprocess.run([str(script), "run", "--tasks", "nope", "--out", str(tmp_path / "r")],
+    done = subprocess.run([str(SCRIPT), "run", "--tasks", "nope", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: unknown stream 'nope'")
@@ -208,10 +208,9 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
 
 def test_mnist_without_data_offline_is_one_line_pointing_to_data(tmp_path):
     """No --data means the Hugging Face hub; offline, that is one line saying what to pass."""
-    script = Path(sys.executable).with_name("cl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "ds")}
-    done = subprocess.run([str(script), "run", "--tasks", "split-mnist", "--out",
+    done = subprocess.run([str(SCRIPT), "run", "--tasks", "split-mnist", "--out",
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
                           env=env)
     assert done.returncode == 2, done.stderr
