@@ -77,8 +77,12 @@ def run_command(
                                           "flags override it")] = None,
     out: Annotated[Path | None, Opt(help="Run directory [runs/<stream>-<strategy>-...]")
                    ] = None,
+    resume: Annotated[Path | None, Opt(metavar="DIR",
+                                       help="Continue the unfinished run in DIR after its last "
+                                       "finished task (settings from DIR/config.json)")] = None,
 ) -> None:
     """Train one model over a task stream; print the accuracy matrix and what it forgot."""
+    from cl.errors import UsageError
     from cl.experiment import build, execute, make_config, read_config_file
 
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
@@ -87,6 +91,16 @@ def run_command(
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
              "epochs": epochs, "seed": seed, "eval_every": eval_every, "device": device,
              "strategy": strategy, "joint": joint}
+    given = sorted(key for key, value in flags.items() if value is not None)
+    if resume is not None:
+        # A resumed run must be the run that was started: its settings come from its own file.
+        if given or config is not None or out is not None:
+            extra = (given or ["config" if config is not None else "out"])[0]
+            raise UsageError(f"--resume takes every setting from {resume / 'config.json'}; "
+                             f"drop --{extra.replace('_', '-')}")
+        if not (resume / "config.json").is_file():
+            raise UsageError(f"--resume {resume}: no run there (no config.json)")
+        config, out = resume / "config.json", resume
     settings = read_config_file(config) if config is not None else {}
     settings.update({key: value for key, value in flags.items() if value is not None})
     run_config = make_config(settings, source="cl run")
@@ -105,7 +119,8 @@ def run_command(
                 progress.update(task_bar, completed=event["step"], total=event["total_steps"],
                                 description=descriptions[event["task"]])
 
-        run_dir, metrics = execute(built.config, out, listener=listener, built=built)
+        run_dir, metrics = execute(built.config, out, listener=listener, built=built,
+                                   resume=resume is not None)
     _print_run(console, metrics, run_dir)
 
 

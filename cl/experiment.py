@@ -12,6 +12,7 @@ import inspect
 import json
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def build(config: RunConfig) -> Built:
         strategies.append(strategy_class(strategy_config))
     try:
         strategy = Chain(*strategies)
-    except ValueError as error:
+    except ValueError as error:  # a strategy twice, or strategies that contradict each other
         raise UsageError(str(error)) from None
 
     stream = build_stream(StreamOptions(
@@ -231,8 +232,24 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         "eval_seconds": result.eval_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "trainable_parameters": trainable_parameters(built.model),
+        "strategies": built.strategy.report(),
+        "resumed_from": result.resumed_from,
         "versions": versions(),
     })
+    for name, variant in result.variants.items():
+        # An extra matrix a strategy asked for (EMA's live weights), with its own metrics.
+        data.setdefault("variants", {})[name] = {
+            "accuracy_matrix": variant["accuracy"].tolist(),
+            "initial_accuracy": variant["initial_accuracy"].tolist(),
+            **metrics.summarize(variant["accuracy"], variant["initial_accuracy"],
+                                result.task_end_steps, variant["accuracy"],
+                                result.task_end_steps)}
+        if variant["task_accuracy"] is not None:
+            data["variants"][name]["task_il"] = {
+                "accuracy_matrix": variant["task_accuracy"].tolist(),
+                **metrics.summarize(variant["task_accuracy"], variant["initial_task_accuracy"],
+                                    result.task_end_steps, variant["task_accuracy"],
+                                    result.task_end_steps)}
     return data
 
 
@@ -250,19 +267,37 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
 
 
 def execute(config: RunConfig, out: str | Path | None = None, listener=None,
-            built: Built | None = None) -> tuple[Path, dict[str, Any]]:
+            built: Built | None = None, resume: bool = False,
+            checkpoint: bool = True) -> tuple[Path, dict[str, Any]]:
     """Build, train and store one run; return its directory and its metrics.
 
     Every input is checked before the directory is made; `metrics.json` is written last, so a
     run that fails (bad data, a NaN loss, a full disk) never leaves a directory that looks done.
+    After each task `checkpoint/` holds what `resume=True` needs to continue in `out` after the
+    last finished task (from the start when there is none yet).
     """
     from cl import store
     from cl.runner import run
 
     built = built if built is not None else build(config)
-    run_dir = store.prepare_run_dir(Path(out) if out is not None else default_run_dir(config))
+    state = None
+    if resume:
+        if out is None:
+            raise UsageError("resuming needs the run directory")
+        run_dir = Path(out)
+        if store.is_complete(run_dir):
+            raise UsageError(f"{run_dir} already holds a finished run ({store.METRICS})")
+        state = store.read_checkpoint(run_dir)
+    else:
+        run_dir = store.prepare_run_dir(Path(out) if out is not None else default_run_dir(config))
+        shutil.rmtree(run_dir / store.CHECKPOINT, ignore_errors=True)
     store.write_json(run_dir / store.CONFIG, built.config.to_dict())
-    result = run(built.model, built.stream, built.strategy, built.train, listener=listener)
+
+    def save(run_state: dict) -> None:
+        store.write_checkpoint(run_dir, run_state, built.strategy.artifacts())
+
+    result = run(built.model, built.stream, built.strategy, built.train, listener=listener,
+                 checkpoint=save if checkpoint else None, resume=state)
     data = metrics_of(built, result)
     names = [task.name for task in built.stream.tasks]
     row_names = ["joint"] if built.config.joint else names

@@ -119,3 +119,25 @@ def build_seeded(build, input_shape: Sequence[int], num_classes: int, hidden: Se
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+HEAD_NAMES = ("head", "classifier", "score", "fc")
+
+
+def find_head(model: nn.Module) -> str:
+    """The name of the model's output layer: a module called `head` (the built-ins),
+    `classifier` or `score` (transformers' sequence classifiers) or `fc` (torchvision), else the
+    last linear layer. Freezing and per-task heads both need it."""
+    modules = dict(model.named_modules())
+    for name in HEAD_NAMES:
+        if name in modules:
+            return name
+    linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    if not linear:
+        raise UsageError(f"cannot tell the head of {type(model).__name__}: it has no linear layer")
+    return linear[-1]
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether the parameter or module `name` lies inside the module called `prefix`."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 Listener = Callable[[dict], None]
+Checkpointer = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class RunResult:
     eval_seconds: float
     steps: int
     events: list[dict] = field(default_factory=list)
+    # Extra matrices a strategy asked for (EMA's live weights beside the averaged ones), by name:
+    # {"accuracy": rows, "initial_accuracy": row, "task_accuracy": rows or None, ...}.
+    variants: dict[str, dict] = field(default_factory=dict)
+    resumed_from: int | None = None  # the number of tasks a resumed run found already done
 
 
 def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -134,7 +139,9 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
     accuracy = np.full(num_tasks, np.nan)
     task_accuracy = np.full(num_tasks, np.nan)
     targets, predictions = [], []
-    was_training = model.training
+    # Restore each module's own mode afterwards: a strategy may keep some in eval mode (frozen
+    # BatchNorm statistics) while the rest trains.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for task in tasks:
         allowed = class_mask[task.index]
@@ -159,7 +166,8 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
         if keep_predictions:
             targets.append(task.test.y.cpu().numpy())
             predictions.append(torch.cat(task_predictions).cpu().numpy())
-    model.train(was_training)
+    for module, training in modes:
+        module.training = training
     return Evaluation(accuracy, task_accuracy, targets, predictions)
 
 
@@ -173,13 +181,34 @@ def stream_to_device(stream: Stream, device: torch.device) -> Stream:
     return Stream(stream.name, tasks, stream.scenario, stream.num_classes, stream.input_shape)
 
 
+def rng_state(order_generator: torch.Generator, device: torch.device) -> dict:
+    """Every random state a run draws from, as tensors (checkpoints load with weights_only)."""
+    state = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, order_generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    order_generator.set_state(state["order"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
-        config: TrainConfig = TrainConfig(), listener: Listener | None = None) -> RunResult:
+        config: TrainConfig = TrainConfig(), listener: Listener | None = None,
+        checkpoint: Checkpointer | None = None, resume: dict | None = None) -> RunResult:
     """Train `model` on the tasks of `stream` in order and return the accuracy matrix and curves.
 
     `listener`, when given, receives every event dict (losses, evaluations, task ends) and
     `{"event": "step", "step": k, "total_steps": n, "task": t}` after each optimizer step (for
     progress bars).
+    `checkpoint`, when given, receives after each task's evaluation the run state: the model's
+    and the strategy's state dicts, every RNG state, and the progress so far (plain values and
+    tensors only). Passing such a state back as `resume` continues the run right there, with
+    the same model and strategy built afresh: the result equals an uninterrupted run's, bit for
+    bit on the CPU.
     The global RNG is seeded for the run and restored afterwards, so runs are reproducible and
     leave the caller's random state alone.
     """
@@ -196,18 +225,28 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         phases = [(task, torch.full((len(task.train),), task.index)) for task in stream.tasks]
     steps_per_epoch = [math.ceil(len(task.train) / config.batch_size) for task, _ in phases]
     total_steps = config.epochs * sum(steps_per_epoch)
-    events: list[dict] = []
+    variants = strategy.eval_variants()
+    # Everything measured so far: what a checkpoint carries so a resumed run can go on.
+    progress: dict = {"next_phase": 0, "step": 0, "rows": [], "task_rows": [],
+                      "curve_steps": [], "curve_rows": [], "task_end_steps": [],
+                      "train_seconds": 0.0, "eval_seconds": 0.0, "events": [],
+                      "variants": {name: {"rows": [], "task_rows": []} for name in variants}}
 
     def emit(event: dict) -> None:
-        events.append(event)
+        progress["events"].append(event)
         if listener is not None:
             listener(event)
 
-    curve_steps: list[int] = []
-    curve_rows: list[np.ndarray] = []
-    rows, task_rows, task_end_steps = [], [], []
-    train_seconds = eval_seconds = 0.0
-    step = 0
+    def evaluate_all(keep_predictions: bool = False) -> Evaluation:
+        return evaluate(model, stream, strategy, list(stream.tasks), class_mask,
+                        config.eval_batch_size, device, keep_predictions=keep_predictions)
+
+    def evaluate_variants() -> dict[str, Evaluation]:
+        evaluations = {}
+        for name in variants:
+            with strategy.eval_variant(name):
+                evaluations[name] = evaluate_all()
+        return evaluations
 
     # Data order comes from this generator alone; the global RNG (dropout, say) is seeded too.
     order_generator = torch.Generator().manual_seed(config.seed)
@@ -216,22 +255,43 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         torch.manual_seed(config.seed)
         strategy.before_run(model, stream, config.seed)
 
-        started = time.perf_counter()
-        before = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
-                          config.eval_batch_size, device)
-        eval_seconds += time.perf_counter() - started
-        emit({"event": "eval", "step": 0, "task": None, "accuracy": before.accuracy.tolist()})
-
-        for phase, (task, task_ids) in enumerate(phases):
+        if resume is None:
             started = time.perf_counter()
+            before = evaluate_all()
+            progress["initial"] = before.accuracy.tolist()
+            progress["initial_task"] = before.task_accuracy.tolist()
+            for name, evaluation in evaluate_variants().items():
+                progress["variants"][name]["initial"] = evaluation.accuracy.tolist()
+                progress["variants"][name]["initial_task"] = evaluation.task_accuracy.tolist()
+            progress["eval_seconds"] += time.perf_counter() - started
+            emit({"event": "eval", "step": 0, "task": None, "accuracy": before.accuracy.tolist()})
+        else:
+            # The strategy first (LoRA rebuilds its adapters), then the weights, then the RNGs.
+            strategy.load_state_dict(resume["strategy"])
+            model.load_state_dict(resume["model"])
+            progress = resume["progress"]
+            if sorted(progress["variants"]) != sorted(variants):
+                raise UsageError("the checkpoint was written by a run with other strategies")
+            set_rng_state(resume["rng"], order_generator, device)
+            for event in progress["events"]:
+                if listener is not None and event["event"] != "step":
+                    listener(event)
+            log.info("resuming after task %d of %d", progress["next_phase"], len(phases))
+        resumed_from = progress["next_phase"] if resume is not None else None
+        final = None
+        step = progress["step"]
+
+        for phase in range(progress["next_phase"], len(phases)):
+            task, task_ids = phases[phase]
+            started = time.perf_counter()
+            model.train()
             strategy.before_task(model, task)
             # The optimizer is rebuilt per task, after before_task has frozen or added parameters.
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise UsageError(f"no trainable parameters left for task {task.name!r}")
-            groups = strategy.param_groups(model, [{"params": trainable}])
+            groups = strategy.param_groups(model, [{"params": trainable, "lr": config.lr}])
             optimizer = make_optimizer(config, groups)
-            model.train()
             task_ids = task_ids.to(device)
             window_loss, window_terms, window_steps = 0.0, {}, 0
             task_step = 0
@@ -242,9 +302,11 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     batch = Batch(take(task.train.x, index), task.train.y[index], task_ids[index])
                     batch = strategy.transform_batch(batch, task)
                     logits = logits_of(model, batch.x)
-                    if stream.scenario == "task":
-                        logits = mask_logits(logits, class_mask[batch.task])
-                    loss = F.cross_entropy(logits, batch.y)
+                    # Task-IL trains each row against its own task's classes; strategies see
+                    # the raw logits.
+                    masked = mask_logits(logits, class_mask[batch.task]) \
+                        if stream.scenario == "task" else logits
+                    loss = F.cross_entropy(masked, batch.y)
                     terms = strategy.loss_terms(model, batch, logits, task)
                     for term in terms.values():
                         loss = loss + term
@@ -258,7 +320,7 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    strategy.after_step(model, batch, task)
+                    strategy.after_step(model, batch, logits.detach(), task)
 
                     window_loss += loss_value
                     for key, value in terms.items():
@@ -272,17 +334,18 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     # A task's last step is followed by the full evaluation anyway.
                     last_step = task_step == config.epochs * steps_per_epoch[phase]
                     if config.eval_every and step % config.eval_every == 0 and not last_step:
-                        train_seconds += time.perf_counter() - started
+                        progress["train_seconds"] += time.perf_counter() - started
                         started = time.perf_counter()
                         seen = list(stream.tasks[:task.index + 1]) if not config.joint \
                             else list(stream.tasks)
                         during = evaluate(model, stream, strategy, seen, class_mask,
                                           config.eval_batch_size, device)
-                        curve_steps.append(step)
-                        curve_rows.append(during.accuracy)
+                        progress["curve_steps"].append(step)
+                        progress["curve_rows"].append(during.accuracy.tolist())
                         emit({"event": "eval", "step": step, "task": task.index,
-                              "accuracy": [None if np.isnan(a) else a for a in during.accuracy]})
-                        eval_seconds += time.perf_counter() - started
+                              "accuracy": [None if math.isnan(a) else a
+                                           for a in during.accuracy.tolist()]})
+                        progress["eval_seconds"] += time.perf_counter() - started
                         started = time.perf_counter()
                     if listener is not None:
                         listener({"event": "step", "step": step, "total_steps": total_steps,
@@ -292,36 +355,58 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                       "loss": window_loss / window_steps,
                       **{k: v / window_steps for k, v in window_terms.items()}})
             strategy.after_task(model, task)
-            train_seconds += time.perf_counter() - started
+            progress["train_seconds"] += time.perf_counter() - started
 
             started = time.perf_counter()
-            last = phase == len(phases) - 1
-            after = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
-                             config.eval_batch_size, device, keep_predictions=last)
-            eval_seconds += time.perf_counter() - started
-            rows.append(after.accuracy)
-            task_rows.append(after.task_accuracy)
-            task_end_steps.append(step)
-            curve_steps.append(step)
-            curve_rows.append(after.accuracy)
+            final = after = evaluate_all(keep_predictions=phase == len(phases) - 1)
+            for name, evaluation in evaluate_variants().items():
+                progress["variants"][name]["rows"].append(evaluation.accuracy.tolist())
+                progress["variants"][name]["task_rows"].append(evaluation.task_accuracy.tolist())
+            progress["eval_seconds"] += time.perf_counter() - started
+            progress["rows"].append(after.accuracy.tolist())
+            progress["task_rows"].append(after.task_accuracy.tolist())
+            progress["task_end_steps"].append(step)
+            progress["curve_steps"].append(step)
+            progress["curve_rows"].append(after.accuracy.tolist())
+            progress["step"] = step
+            progress["next_phase"] = phase + 1
             emit({"event": "task_end", "step": step, "task": task.index, "name": task.name,
                   "accuracy": after.accuracy.tolist()})
             log.info("task %d/%d (%s): mean accuracy over the stream %.4f", phase + 1,
                      len(phases), task.name, float(after.accuracy.mean()))
+            if checkpoint is not None:
+                checkpoint({"model": model.state_dict(), "strategy": strategy.state_dict(),
+                            "rng": rng_state(order_generator, device), "progress": progress})
+
+        if progress["next_phase"] == len(phases) and resumed_from == len(phases):
+            # Resumed after the last task: the final predictions (confusion matrix, F1) come
+            # from one more pass over the restored model.
+            final = evaluate_all(keep_predictions=True)
 
     class_il = stream.scenario == "class"
+
+    def matrix(rows: list) -> np.ndarray:
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), num_tasks)
+
     return RunResult(
-        accuracy=np.stack(rows),
-        initial_accuracy=before.accuracy,
-        task_accuracy=np.stack(task_rows) if class_il else None,
-        initial_task_accuracy=before.task_accuracy if class_il else None,
-        curve_steps=np.asarray(curve_steps, dtype=np.int64),
-        curve_accuracy=np.stack(curve_rows).reshape(len(curve_rows), num_tasks),
-        task_end_steps=task_end_steps,
-        final_targets=after.targets,
-        final_predictions=after.predictions,
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        steps=step,
-        events=events,
+        accuracy=matrix(progress["rows"]),
+        initial_accuracy=np.asarray(progress["initial"], dtype=np.float64),
+        task_accuracy=matrix(progress["task_rows"]) if class_il else None,
+        initial_task_accuracy=np.asarray(progress["initial_task"]) if class_il else None,
+        curve_steps=np.asarray(progress["curve_steps"], dtype=np.int64),
+        curve_accuracy=matrix(progress["curve_rows"]),
+        task_end_steps=list(progress["task_end_steps"]),
+        final_targets=final.targets,
+        final_predictions=final.predictions,
+        train_seconds=progress["train_seconds"],
+        eval_seconds=progress["eval_seconds"],
+        steps=progress["step"],
+        events=progress["events"],
+        variants={name: {"accuracy": matrix(v["rows"]),
+                         "initial_accuracy": np.asarray(v["initial"], dtype=np.float64),
+                         "task_accuracy": matrix(v["task_rows"]) if class_il else None,
+                         "initial_task_accuracy": np.asarray(v["initial_task"])
+                         if class_il else None}
+                  for name, v in progress["variants"].items()},
+        resumed_from=resumed_from,
     )

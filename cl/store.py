@@ -21,6 +21,10 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 MATRIX = "matrix.csv"
 EVENTS = "events.jsonl"
+CHECKPOINT = "checkpoint"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CHECKPOINT_FORMAT = 1
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -79,6 +83,72 @@ def prepare_run_dir(path: Path) -> Path:
     for name in (CONFIG, MATRIX, EVENTS):
         (path / name).unlink(missing_ok=True)
     return path
+
+
+def write_checkpoint(run_dir: Path, state: dict, artifacts: dict[str, dict]) -> Path:
+    """Write `run_dir/checkpoint/`: the model as safetensors, the strategies' state, the RNG
+    states and the progress as a torch file that loads with `weights_only=True`, and each
+    artifact as `<name>.safetensors`.
+
+    The new checkpoint is written whole into a temporary directory and swapped in by renames,
+    so a kill at any moment leaves either the previous checkpoint or the new one, never half.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT
+    partial = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
+    try:
+        # Clones break storage sharing (tied weights), which safetensors refuses to write.
+        model = {key: value.detach().cpu().clone().contiguous()
+                 for key, value in state["model"].items()}
+        save_file(model, str(partial / MODEL_FILE))
+        rest = {key: value for key, value in state.items() if key != "model"}
+        with open(partial / STATE_FILE, "wb") as file:
+            torch.save({"format": CHECKPOINT_FORMAT, **rest}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        for name, tensors in artifacts.items():
+            target = partial / f"{name}.safetensors"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(target))
+        previous = run_dir / ".checkpoint-previous"
+        if final.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+        os.replace(partial, final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+def read_checkpoint(run_dir: Path) -> dict | None:
+    """The state `write_checkpoint` wrote, or None when the run never finished a task."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    directory = run_dir / CHECKPOINT
+    if not (directory / STATE_FILE).is_file():
+        # A kill between the two renames of `write_checkpoint` leaves only the previous one.
+        directory = run_dir / ".checkpoint-previous"
+        if not (directory / STATE_FILE).is_file():
+            return None
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        state["model"] = load_file(str(directory / MODEL_FILE))
+    except Exception as error:  # a truncated or foreign file: say which, no traceback
+        raise UsageError(f"cannot read checkpoint {directory}: {str(error).splitlines()[0]}"
+                         ) from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {directory} has format {state.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT}")
+    return state
 
 
 def is_complete(path: Path) -> bool:

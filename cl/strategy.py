@@ -7,6 +7,13 @@ strategy never sees the runner, the optimizer or another strategy. The runner ca
     per task:  before_task -> param_groups -> [per step: transform_batch -> loss_terms ->
                (backward, optimizer step) -> after_step] -> after_task
     per evaluated task: eval_context(model, task) around the forward passes
+    after each task, per extra matrix a strategy asks for: eval_variant(name) around a full
+               evaluation (EMA's `eval_with=both` records the live weights' matrix this way)
+
+Besides the hooks, a strategy describes itself: `state_dict` (tensors, numbers, strings, lists
+and dicts only, so a checkpoint loads with `weights_only=True`), `report` (figures for
+metrics.json: bytes held, parameters trained) and `artifacts` (tensor files worth keeping on
+their own, such as one LoRA adapter per task).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     config_class: ClassVar[type] = NoConfig
 
+    def check_composition(self, chain: tuple[Strategy, ...]) -> None:
+        """Raise ValueError if the strategies of `chain` (which holds this one) contradict it."""
+
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         """Once before any training; `seed` seeds any randomness the strategy owns."""
 
@@ -53,11 +63,15 @@ class Strategy:
 
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:
-        """Extra loss terms, already weighted; they are added to the cross-entropy."""
+        """Extra loss terms, already weighted; they are added to the cross-entropy.
+
+        `logits` are the model's raw outputs on `batch` (never masked, even in the task scenario,
+        where only the cross-entropy sees masked logits)."""
         return {}
 
-    def after_step(self, model: nn.Module, batch: Batch, task: Task) -> None:
-        """After each optimizer step: EMA update, buffer insertion."""
+    def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
+        """After each optimizer step: EMA update, buffer insertion. `logits` are the raw outputs
+        of this step's forward pass (before the update), detached."""
 
     def after_task(self, model: nn.Module, task: Task) -> None:
         """After the last step on `task`, before the evaluation that fills row `task.index`."""
@@ -65,6 +79,22 @@ class Strategy:
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
         """Context the model is evaluated on `task` in: EMA weights, the task's adapter."""
         return contextlib.nullcontext()
+
+    def eval_variants(self) -> tuple[str, ...]:
+        """Names of extra accuracy matrices to record after each task besides R."""
+        return ()
+
+    def eval_variant(self, variant: str) -> AbstractContextManager[None]:
+        """Context in which `eval_context` evaluates as `variant` asks (a name it may not own)."""
+        return contextlib.nullcontext()
+
+    def report(self) -> dict[str, Any]:
+        """Figures for metrics.json (JSON values): memory held, parameters trained per task."""
+        return {}
+
+    def artifacts(self) -> dict[str, dict[str, Tensor]]:
+        """Named tensor dicts worth saving as files of their own (safetensors) with a checkpoint."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -89,6 +119,8 @@ class Chain(Strategy):
         if repeated:
             raise ValueError(f"strategy {repeated[0]!r} appears more than once in the chain")
         self.strategies = tuple(strategies)
+        for strategy in self.strategies:
+            strategy.check_composition(self.strategies)
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(repr(strategy) for strategy in self.strategies)})"
@@ -119,9 +151,9 @@ class Chain(Strategy):
                 terms[f"{strategy.name}/{key}"] = value
         return terms
 
-    def after_step(self, model: nn.Module, batch: Batch, task: Task) -> None:
+    def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
         for strategy in self.strategies:
-            strategy.after_step(model, batch, task)
+            strategy.after_step(model, batch, logits, task)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
         for strategy in self.strategies:
@@ -133,6 +165,26 @@ class Chain(Strategy):
             for strategy in self.strategies:
                 stack.enter_context(strategy.eval_context(model, task))
             yield
+
+    def eval_variants(self) -> tuple[str, ...]:
+        variants: list[str] = []
+        for strategy in self.strategies:
+            variants += [v for v in strategy.eval_variants() if v not in variants]
+        return tuple(variants)
+
+    @contextlib.contextmanager
+    def eval_variant(self, variant: str):
+        with contextlib.ExitStack() as stack:
+            for strategy in self.strategies:
+                stack.enter_context(strategy.eval_variant(variant))
+            yield
+
+    def report(self) -> dict[str, Any]:
+        return {s.name: report for s in self.strategies if (report := s.report())}
+
+    def artifacts(self) -> dict[str, dict[str, Tensor]]:
+        return {f"{strategy.name}/{key}": tensors for strategy in self.strategies
+                for key, tensors in strategy.artifacts().items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {strategy.name: strategy.state_dict() for strategy in self.strategies}

@@ -111,20 +111,42 @@ class Stream:
 class Batch:
     """A training batch: inputs, global class ids, and the task index of every row.
 
-    Replay appends rows from earlier tasks, so `task` is per row, not per batch.
+    Replay appends rows from earlier tasks, so `task` is per row, not per batch. `replayed` marks
+    the rows that came from a buffer (None: no row did); `stored_logits` holds, for replayed rows
+    whose buffer kept them, the logits recorded when the row was inserted (NaN rows elsewhere;
+    None when no row has any), which DER-style distillation uses as targets.
     """
 
     x: Inputs
     y: Tensor
     task: Tensor
+    replayed: Tensor | None = None
+    stored_logits: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def fresh(self) -> Tensor:
+        """Boolean mask of the rows that are new data, not replayed."""
+        if self.replayed is None:
+            return torch.ones(len(self.y), dtype=torch.bool, device=self.y.device)
+        return ~self.replayed
+
     @staticmethod
     def cat(batches: list[Batch]) -> Batch:
+        replayed = None
+        if any(b.replayed is not None for b in batches):
+            replayed = torch.cat([b.replayed if b.replayed is not None else b.fresh().logical_not()
+                                  for b in batches])
+        stored = None
+        with_logits = [b.stored_logits for b in batches if b.stored_logits is not None]
+        if with_logits:
+            width, like = with_logits[0].shape[1], with_logits[0]
+            stored = torch.cat([b.stored_logits if b.stored_logits is not None
+                                else like.new_full((len(b), width), float("nan"))
+                                for b in batches])
         return Batch(concat([b.x for b in batches]), torch.cat([b.y for b in batches]),
-                     torch.cat([b.task for b in batches]))
+                     torch.cat([b.task for b in batches]), replayed, stored)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
-"""Strategies against forgetting, one file each; import them as `from strategies import Naive`."""
+"""The built-in strategies, one file each; `from strategies import EMA, Replay`."""
 
+from strategies.distill import Distill, DistillConfig
+from strategies.ema import EMA, EMAConfig
+from strategies.freeze import Freeze, FreezeConfig
+from strategies.lora import LoRA, LoRAConfig
 from strategies.naive import Naive
+from strategies.replay import Replay, ReplayConfig
 
-__all__ = ["Naive"]
+__all__ = ["EMA", "Distill", "DistillConfig", "EMAConfig", "Freeze", "FreezeConfig", "LoRA",
+           "LoRAConfig", "Naive", "Replay", "ReplayConfig"]

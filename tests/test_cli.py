@@ -38,7 +38,7 @@ def test_run_prints_the_matrix_and_writes_a_complete_run(tmp_path, capsys):
                    f"run saved in {out}"):
         assert needle in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "events.jsonl", "matrix.csv", "metrics.json"]
+        "checkpoint", "config.json", "events.jsonl", "matrix.csv", "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_matrix", "initial_accuracy", "acc", "bwt", "fwt", "forgetting",
                 "learning_accuracy", "min_acc", "wc_acc", "train_seconds", "eval_seconds",

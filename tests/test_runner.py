@@ -39,7 +39,7 @@ class Recorder(Strategy):
         self.calls.append((self.name, "loss_terms", task.index))
         return {"zero": logits.sum() * 0.0}
 
-    def after_step(self, model, batch, task):
+    def after_step(self, model, batch, logits, task):
         self.calls.append((self.name, "after_step", task.index))
 
     def after_task(self, model, task):

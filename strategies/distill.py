@@ -1,0 +1,199 @@
+"""Distill: KL(teacher || student) at a temperature, from a frozen teacher (the previous task's
+model as in LwF, the model before training, or one loaded from a file) or from logits a replay
+buffer stored (DER-style)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cl.errors import UsageError
+from cl.models import logits_of
+from cl.strategy import Strategy
+from cl.types import Batch, Stream, Task
+
+log = logging.getLogger(__name__)
+
+TEACHERS = ("previous", "initial")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = 1.0  # weight of the distillation term
+    temperature: float = 2.0
+    teacher: str = "previous"  # previous | initial | a path to weights (.safetensors, .pt)
+    targets: Literal["teacher", "buffer"] = "teacher"
+
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must not be negative, got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.targets not in ("teacher", "buffer"):
+            raise ValueError(f"targets must be teacher or buffer, got {self.targets!r}")
+        if self.teacher not in TEACHERS and not Path(self.teacher).is_file():
+            raise ValueError(f"teacher {self.teacher!r} is neither previous, initial nor a file")
+
+
+def masked_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor,
+              temperature: float) -> Tensor:
+    """Per-row KL(softmax(t/T) || softmax(s/T)) over the classes `mask` marks (bool, rows x
+    classes or broadcastable). Classes outside the mask carry no probability on either side.
+
+    Written with explicit log-sum-exps rather than -inf fills so that every intermediate value
+    (and every gradient) stays finite."""
+    mask = mask.expand_as(student_logits)
+    teacher = teacher_logits.float() / temperature
+    student = student_logits.float() / temperature
+    lowest = torch.finfo(torch.float32).min
+    # Zero (not -inf) at masked classes: exp and differences there stay finite, then p = 0.
+    log_p = (teacher - torch.logsumexp(teacher.masked_fill(~mask, lowest), 1, keepdim=True)
+             ).masked_fill(~mask, 0.0)
+    log_q = (student - torch.logsumexp(student.masked_fill(~mask, lowest), 1, keepdim=True)
+             ).masked_fill(~mask, 0.0)
+    p = log_p.exp() * mask
+    return (p * (log_p - log_q)).sum(1)
+
+
+def distillation_loss(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor,
+                      temperature: float, alpha: float) -> Tensor:
+    """`alpha * T^2 * mean KL`: the T^2 keeps gradients on the scale of the cross-entropy's
+    (Hinton et al., 2015)."""
+    kl = masked_kl(teacher_logits, student_logits, mask, temperature)
+    return alpha * temperature ** 2 * kl.mean()
+
+
+def load_weights(path: str) -> dict[str, Tensor]:
+    """A state dict from a safetensors file or a torch file (a cl checkpoint's state.pt too)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class Distill(Strategy):
+    """Learning without Forgetting and its relatives: a KL term toward a teacher's outputs.
+
+    `teacher=previous` snapshots the model after each task (no term on the first task);
+    `initial` keeps the model as it was before any training (a pretrained model's knowledge);
+    a path loads weights into a copy of the model. In the class scenario only the classes the
+    teacher was trained on enter the KL (all classes for `initial` and file teachers); in the
+    task scenario each earlier task's classes form their own softmax, as separate heads would.
+    `targets=buffer` distils replayed rows toward the logits a replay buffer stored with them.
+    """
+
+    name: ClassVar[str] = "distill"
+    config_class: ClassVar[type] = DistillConfig
+
+    def __init__(self, config: DistillConfig | None = None) -> None:
+        self.config = config if config is not None else DistillConfig()
+        self.teacher: nn.Module | None = None
+        self.seen_tasks = 0  # tasks the teacher has been trained through
+        self.pending_teacher: dict[str, Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"Distill({self.config})"
+
+    def check_composition(self, chain: tuple[Strategy, ...]) -> None:
+        if self.config.targets != "buffer":
+            return
+        before = chain[:chain.index(self)]
+        if not any(s.name == "replay" and getattr(s.config, "store_logits", False)
+                   for s in before):
+            raise ValueError("distill:targets=buffer needs replay:store_logits=true "
+                             "earlier in the chain")
+
+    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        self.scenario = stream.scenario
+        self.class_mask = stream.class_mask().to(next(model.parameters()).device)
+        # Row t: the classes of tasks 0..t, what a model trained through task t has seen.
+        self.seen_mask = self.class_mask.cumsum(0) > 0
+        if self.config.targets == "buffer":
+            return
+        if self.config.teacher == "initial":
+            self.teacher = frozen_copy(model)
+        elif self.config.teacher != "previous":
+            self.teacher = frozen_copy(model)
+            try:
+                self.teacher.load_state_dict(load_weights(self.config.teacher))
+            except (RuntimeError, OSError, ValueError) as error:
+                raise UsageError(f"cannot load teacher {self.config.teacher}: "
+                                 f"{str(error).splitlines()[0]}") from None
+
+    def before_task(self, model: nn.Module, task: Task) -> None:
+        if self.pending_teacher is not None:
+            # A resumed run: the model is whole again, so the teacher can take its shape.
+            self.teacher = frozen_copy(model)
+            self.teacher.load_state_dict(self.pending_teacher)
+            self.pending_teacher = None
+
+    def after_task(self, model: nn.Module, task: Task) -> None:
+        self.seen_tasks = task.index + 1
+        if self.config.targets == "teacher" and self.config.teacher == "previous":
+            self.teacher = frozen_copy(model)
+
+    def teacher_mask(self, rows: int) -> Tensor:
+        """Which classes enter the KL against the teacher, one mask per softmax block."""
+        if self.config.teacher != "previous" or self.scenario == "domain":
+            return torch.ones_like(self.class_mask[:1])
+        if self.scenario == "task":
+            return self.class_mask[:self.seen_tasks]
+        return self.seen_mask[self.seen_tasks - 1:self.seen_tasks]
+
+    def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
+                   task: Task) -> dict[str, Tensor]:
+        config = self.config
+        if config.targets == "buffer":
+            if batch.stored_logits is None or batch.replayed is None:
+                return {}
+            rows = batch.replayed & ~batch.stored_logits.isnan().any(1)
+            if not rows.any():
+                return {}
+            row_tasks = batch.task[rows]
+            mask = self.class_mask[row_tasks] if self.scenario == "task" else (
+                torch.ones_like(self.class_mask[row_tasks]) if self.scenario == "domain"
+                else self.seen_mask[row_tasks])
+            return {"kl": distillation_loss(batch.stored_logits[rows], logits[rows], mask,
+                                            config.temperature, config.alpha)}
+        if self.teacher is None:
+            return {}  # LwF on its first task: nothing to preserve yet
+        with torch.inference_mode():
+            teacher_logits = logits_of(self.teacher, batch.x)
+        # Leave inference mode's tensors behind: autograd must save these for the backward.
+        teacher_logits = teacher_logits.clone()
+        blocks = self.teacher_mask(len(batch))
+        losses = [distillation_loss(teacher_logits, logits, block, config.temperature,
+                                    config.alpha) for block in blocks]
+        return {"kl": torch.stack(losses).mean()}
+
+    def report(self) -> dict[str, Any]:
+        if self.teacher is None:
+            return {}
+        tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
+        return {"teacher_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+    def state_dict(self) -> dict[str, Any]:
+        teacher = self.teacher.state_dict() if self.teacher is not None else self.pending_teacher
+        return {"seen_tasks": self.seen_tasks, "teacher": teacher}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen_tasks = int(state["seen_tasks"])
+        self.teacher = None
+        self.pending_teacher = state["teacher"]

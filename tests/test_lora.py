@@ -1,0 +1,183 @@
+"""LoRA per task: the fresh-adapter identity, base and earlier adapters bitwise unchanged, the
+evaluated task's adapter active (BWT exactly 0), merging, adapter files, and transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import blob_stream
+from safetensors.torch import load_file, save_file
+
+from cl.errors import UsageError
+from cl.models import build_mlp
+from cl.runner import TrainConfig, run
+from cl.types import Split, Stream, Task
+from strategies import LoRA, LoRAConfig
+from strategies.lora import adapter_state, set_adapter, tuner_layers
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def mlp(stream, seed=0):
+    torch.manual_seed(seed)
+    return build_mlp(stream.input_shape, stream.num_classes, (8, 8))
+
+
+@pytest.mark.parametrize("head", ["per_task", "shared"])
+def test_a_fresh_adapter_leaves_outputs_unchanged(head):
+    stream = blob_stream(scenario="task")
+    model = mlp(stream)
+    x = stream.tasks[0].test.x
+    before = model(x)
+    lora = LoRA(LoRAConfig(rank=2, head=head))
+    lora.before_run(model, stream, 0)
+    lora.before_task(model, stream.tasks[0])
+    assert torch.equal(model(x), before)
+    # Once trained, the adapter changes the outputs; a second fresh one again starts as identity
+    # of the base (its own B = 0, its own copy of the initial head).
+    run_model = mlp(stream)
+    run(run_model, stream, LoRA(LoRAConfig(rank=2, head=head)),
+        TrainConfig(batch_size=4, epochs=1, lr=0.1))
+    assert not torch.equal(run_model(x), before)
+
+
+def test_base_and_earlier_adapters_stay_bitwise_unchanged_and_bwt_is_zero():
+    stream = blob_stream(num_tasks=3, scenario="task")
+    model = mlp(stream)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    snapshots = []
+
+    class Spy(LoRA):
+        def after_task(self, model, task):
+            super().after_task(model, task)
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    result = run(model, stream, Spy(LoRAConfig(rank=2)),
+                 TrainConfig(batch_size=4, epochs=2, lr=0.1, momentum=0.9, weight_decay=0.01))
+    final = model.state_dict()
+    for key, value in base.items():
+        wrapped = key.replace("body.1.", "body.1.base_layer.").replace(
+            "body.3.", "body.3.base_layer.").replace("head.", "head.original_module.")
+        assert torch.equal(final[wrapped], value), key
+    for task, snapshot in enumerate(snapshots):
+        mine = [k for k in snapshot if f".task{task}." in k]
+        assert mine and all(torch.equal(final[k], snapshot[k]) for k in mine)
+    # Each task is evaluated with its own adapter: later tasks cannot change its accuracy.
+    for j in range(3):
+        assert all(result.accuracy[i, j] == result.accuracy[j, j] for i in range(j, 3))
+    assert result.accuracy[2].mean() > 0.5
+
+
+def test_each_task_trains_only_its_own_adapter_and_head():
+    stream = blob_stream(num_tasks=2, scenario="task")
+    model = mlp(stream)
+    lora = LoRA(LoRAConfig(rank=2))
+    lora.before_run(model, stream, 0)
+    lora.before_task(model, stream.tasks[0])
+    lora.before_task(model, stream.tasks[1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".task1." in n for n in trainable)
+    assert lora.report()["trainable_parameters_per_task"][0] == sum(
+        p.numel() for n, p in model.named_parameters() if ".task1." in n)
+    # Evaluating task 0 switches to adapter 0 and then back to training adapter 1.
+    with lora.eval_context(model, stream.tasks[0]):
+        assert {tuple(layer.active_adapters) for layer in tuner_layers(model)} == {("task0",)}
+    assert {tuple(layer.active_adapters) for layer in tuner_layers(model)} == {("task1",)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_adapters_save_and_load_on_their_own(tmp_path):
+    stream = blob_stream(num_tasks=2, scenario="task")
+    model = mlp(stream)
+    lora = LoRA(LoRAConfig(rank=2))
+    run(model, stream, lora, TrainConfig(batch_size=4, epochs=1, lr=0.1))
+    files = {}
+    for name, tensors in lora.artifacts().items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(files[name]))
+    assert sorted(files) == ["task0", "task1"]
+    assert all("base_layer" not in k and "original_module" not in k
+               for k in load_file(str(files["task0"])))
+    # A fresh model of the same base, given the adapters back, answers as the trained one.
+    fresh = mlp(stream)
+    fresh_lora = LoRA(LoRAConfig(rank=2))
+    fresh_lora.before_run(fresh, stream, 0)
+    for task in stream.tasks:
+        fresh_lora.before_task(fresh, task)
+    for path in files.values():
+        fresh.load_state_dict(load_file(str(path)), strict=False)
+    x = stream.tasks[0].test.x
+    for name in files:
+        set_adapter(model, name)
+        set_adapter(fresh, name)
+        assert torch.equal(model(x), fresh(x))
+        assert set(adapter_state(model, name)) == set(load_file(str(files[name])))
+
+
+def test_class_scenario_needs_merge():
+    stream = blob_stream(scenario="class")
+    with pytest.raises(UsageError, match="task id"):
+        LoRA(LoRAConfig()).before_run(mlp(stream), stream, 0)
+
+
+def test_merge_folds_each_adapter_into_the_base():
+    stream = blob_stream(num_tasks=2, scenario="class")
+    model = mlp(stream)
+    start = model.body[1].weight.detach().clone()
+    lora = LoRA(LoRAConfig(rank=2, alpha=2.0, head="shared", merge=True))
+    result = run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.1))
+    names = [n for n, _ in model.named_parameters()]
+    assert "body.1.weight" in names and not any("lora" in n for n in names)
+    assert not torch.equal(model.body[1].weight, start)
+    assert sorted(lora.artifacts()) == ["task0", "task1"]
+    assert result.accuracy.shape == (2, 2)
+
+
+def test_targets_matching_nothing_are_named():
+    stream = blob_stream(scenario="task")
+    with pytest.raises(UsageError, match="attention"):
+        LoRA(LoRAConfig(targets=("attention*",))).before_run(mlp(stream), stream, 0)
+
+
+def test_bad_settings():
+    for bad in ({"rank": 0}, {"alpha": -1.0}, {"dropout": 1.0}, {"merge": True}):
+        with pytest.raises(ValueError):
+            LoRAConfig(**bad)
+
+
+def tiny_bert_stream(num_tasks=2):
+    """Token-id inputs for a transformers model: each class has its own frequent token."""
+    generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for index in range(num_tasks):
+        classes = (2 * index, 2 * index + 1)
+
+        def split(rows, classes=classes):
+            y = torch.tensor(classes).repeat(rows // 2)
+            ids = torch.randint(5, 40, (len(y), 8), generator=generator)
+            ids[:, 1] = 40 + y  # the class's own token
+            ids[:, 0] = 1
+            return Split({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, y)
+        tasks.append(Task(f"t{index}", index, split(16), split(8), classes))
+    return Stream("tokens", tuple(tasks), "task", 2 * num_tasks, (8,))
+
+
+def test_lora_on_a_transformers_model():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    stream = tiny_bert_stream()
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=stream.num_classes))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = LoRA(LoRAConfig(rank=2, targets=("*query", "*value")))
+    result = run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.05))
+    assert lora.targets == ["bert.encoder.layer.0.attention.self.query",
+                            "bert.encoder.layer.0.attention.self.value"]
+    assert result.accuracy[1, 0] == result.accuracy[0, 0]
+    final = model.state_dict()
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert torch.equal(final[f"{query}.base_layer.weight"], base[f"{query}.weight"])
+    assert torch.equal(final["bert.embeddings.word_embeddings.weight"],
+                       base["bert.embeddings.word_embeddings.weight"])
