@@ -218,3 +218,42 @@ def test_mnist_without_data_offline_is_one_line_pointing_to_data(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "ylecun/mnist" in lines[0] and "--data path/to/mnist.npz" in lines[0]
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("specs, scenario, report_key", [
+    (["ema:decay=0.9,eval_with=both"], "class", "ema"),
+    (["freeze:head_only=true"], "class", "freeze"),
+    (["replay:capacity=50,policy=class_balanced"], "class", "replay"),
+    (["distill:alpha=0.5,temperature=3"], "class", "distill"),
+    (["lora:rank=2,alpha=2"], "task", "lora"),
+    (["freeze:lr_mult=head.*=10", "lora:rank=2,alpha=2", "replay:capacity=40,store_logits=true",
+      "distill:targets=buffer", "ema:decay=0.9"], "task", "replay"),
+])
+def test_each_strategy_and_all_five_run_from_the_cli(tmp_path, specs, scenario, report_key):
+    out = tmp_path / "run"
+    args = [arg for spec in specs for arg in ("--strategy", spec)]
+    assert cl("run", "--out", out, "--scenario", scenario, *FAST, *args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert report_key in metrics["strategies"]
+    assert json.loads((out / "config.json").read_text())["strategy"] == specs
+    if "eval_with=both" in specs[0]:
+        assert len(metrics["variants"]["live"]["accuracy_matrix"]) == 5
+
+
+@pytest.mark.parametrize("specs, needle", [
+    (["replay", "replay:capacity=10"], "'replay' appears more than once"),
+    (["distill:targets=buffer"], "store_logits"),
+    (["replay:capacity=0"], "capacity"),
+    (["ema:decay=1.5"], "decay"),
+    (["ema:eval_with=shadow"], "'shadow'"),
+    (["freeze"], "at least one"),
+    (["lora:rnak=4"], "'rnak'"),
+    (["lora"], "task id"),
+])
+def test_bad_strategy_settings_and_contradictions_are_one_line(tmp_path, capsys, specs, needle):
+    args = [arg for spec in specs for arg in ("--strategy", spec)]
+    assert cl("run", "--out", tmp_path / "run", *FAST, *args) == 2
+    error = capsys.readouterr().err
+    assert needle in error and error.count("\n") == 1
+    assert not (tmp_path / "run" / "metrics.json").exists()
