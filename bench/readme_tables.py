@@ -1,0 +1,47 @@
+"""Print the README's benchmark tables (markdown) from the committed JSON results.
+
+    python bench/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def seq_mnist() -> str:
+    data = json.loads((RESULTS / "seq_mnist.json").read_text())["results"]
+    lines = ["| method | class-IL (mean ± std, 5 seeds) | task-IL | published class-IL / task-IL "
+             "| reproduced (±2) |", "|---|---|---|---|---|"]
+    for name, entry in data.items():
+        published = entry["published"]
+        reference = f"{published['class_il']:.2f} / {published['task_il']:.2f}"
+        if entry["published_row"] != name:
+            reference += f" ({entry['published_row']})"
+        if "expected" in entry:
+            reference += (f"; working LwF ≈ {entry['expected']['class_il']} / "
+                          f"{entry['expected']['task_il']}")
+        verdict = {True: "yes", False: "**no**"}.get(entry.get("reproduced"), "-")
+        cells = [f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" for k in ("class_il", "task_il")]
+        if "live_class_il" in entry:
+            cells[0] += f" (live {entry['live_class_il']['mean']:.2f})"
+            cells[1] += f" (live {entry['live_task_il']['mean']:.2f})"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {reference} | {verdict} |")
+    return "\n".join(lines)
+
+
+def strategy_cost() -> str:
+    data = json.loads((RESULTS / "strategy_cost.json").read_text())
+    lines = ["| run | ms per step (median) |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in data["ms_per_step"].items()]
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in data["ratios"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(seq_mnist())
+    print()
+    print(strategy_cost())
