@@ -208,16 +208,17 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         "initial_accuracy": result.initial_accuracy.tolist(),
         **summary,
     }
+
+    def measured_after_tasks(accuracy, initial) -> dict[str, Any]:
+        """A matrix measured only after each task, with its metrics: its curve is its rows."""
+        return {"accuracy_matrix": accuracy.tolist(), "initial_accuracy": initial.tolist(),
+                **metrics.summarize(accuracy, initial, result.task_end_steps, accuracy,
+                                    result.task_end_steps)}
+
     if result.task_accuracy is not None:
         # A class-IL run also yields task-IL numbers: the same logits, masked to each task.
-        data["task_il"] = {
-            "accuracy_matrix": result.task_accuracy.tolist(),
-            "initial_accuracy": result.initial_task_accuracy.tolist(),
-            # Task-IL is only measured after each task, so its curve is the rows of its matrix.
-            **metrics.summarize(result.task_accuracy, result.initial_task_accuracy,
-                                result.task_end_steps, result.task_accuracy,
-                                result.task_end_steps),
-        }
+        data["task_il"] = measured_after_tasks(result.task_accuracy,
+                                               result.initial_task_accuracy)
     data["final_macro_f1"] = metrics.macro_f1_per_task(
         result.final_targets, result.final_predictions, [t.classes for t in stream.tasks])
     data["confusion_matrix"] = metrics.confusion(
@@ -238,18 +239,11 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
     })
     for name, variant in result.variants.items():
         # An extra matrix a strategy asked for (EMA's live weights), with its own metrics.
-        data.setdefault("variants", {})[name] = {
-            "accuracy_matrix": variant["accuracy"].tolist(),
-            "initial_accuracy": variant["initial_accuracy"].tolist(),
-            **metrics.summarize(variant["accuracy"], variant["initial_accuracy"],
-                                result.task_end_steps, variant["accuracy"],
-                                result.task_end_steps)}
+        entry = measured_after_tasks(variant["accuracy"], variant["initial_accuracy"])
         if variant["task_accuracy"] is not None:
-            data["variants"][name]["task_il"] = {
-                "accuracy_matrix": variant["task_accuracy"].tolist(),
-                **metrics.summarize(variant["task_accuracy"], variant["initial_task_accuracy"],
-                                    result.task_end_steps, variant["task_accuracy"],
-                                    result.task_end_steps)}
+            entry["task_il"] = measured_after_tasks(variant["task_accuracy"],
+                                                    variant["initial_task_accuracy"])
+        data.setdefault("variants", {})[name] = entry
     return data
 
 

@@ -6,8 +6,9 @@ the registry key is the `--model` word.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +120,30 @@ def build_seeded(build, input_shape: Sequence[int], num_classes: int, hidden: Se
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes held by `tensors` (what a strategy reports of its buffers and copies)."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode, then every module back in its own mode: a strategy may keep some
+    in eval mode (frozen BatchNorm statistics) while the rest trains."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 HEAD_NAMES = ("head", "classifier", "score", "fc")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.errors import DivergenceError, UsageError
-from cl.models import logits_of
+from cl.models import eval_mode, logits_of
 from cl.strategy import Chain, Strategy
 from cl.types import Batch, Split, Stream, Task, concat, take, to_device
 
@@ -139,35 +139,31 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
     accuracy = np.full(num_tasks, np.nan)
     task_accuracy = np.full(num_tasks, np.nan)
     targets, predictions = [], []
-    # Restore each module's own mode afterwards: a strategy may keep some in eval mode (frozen
-    # BatchNorm statistics) while the rest trains.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    for task in tasks:
-        allowed = class_mask[task.index]
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        correct_masked = torch.zeros((), dtype=torch.long, device=device)
-        task_predictions = []
-        with strategy.eval_context(model, task), torch.inference_mode():
-            for start in range(0, len(task.test), batch_size):
-                x = task.test.x
-                x = ({k: v[start:start + batch_size] for k, v in x.items()}
-                     if isinstance(x, dict) else x[start:start + batch_size])
-                y = task.test.y[start:start + batch_size]
-                logits = logits_of(model, x)
-                masked_prediction = mask_logits(logits, allowed).argmax(1)
-                prediction = masked_prediction if stream.scenario == "task" else logits.argmax(1)
-                correct += (prediction == y).sum()
-                correct_masked += (masked_prediction == y).sum()
-                if keep_predictions:
-                    task_predictions.append(prediction)
-        accuracy[task.index] = correct.item() / len(task.test)
-        task_accuracy[task.index] = correct_masked.item() / len(task.test)
-        if keep_predictions:
-            targets.append(task.test.y.cpu().numpy())
-            predictions.append(torch.cat(task_predictions).cpu().numpy())
-    for module, training in modes:
-        module.training = training
+    with eval_mode(model):
+        for task in tasks:
+            allowed = class_mask[task.index]
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            correct_masked = torch.zeros((), dtype=torch.long, device=device)
+            task_predictions = []
+            with strategy.eval_context(model, task), torch.inference_mode():
+                for start in range(0, len(task.test), batch_size):
+                    x = task.test.x
+                    x = ({k: v[start:start + batch_size] for k, v in x.items()}
+                         if isinstance(x, dict) else x[start:start + batch_size])
+                    y = task.test.y[start:start + batch_size]
+                    logits = logits_of(model, x)
+                    masked_prediction = mask_logits(logits, allowed).argmax(1)
+                    prediction = (masked_prediction if stream.scenario == "task"
+                                  else logits.argmax(1))
+                    correct += (prediction == y).sum()
+                    correct_masked += (masked_prediction == y).sum()
+                    if keep_predictions:
+                        task_predictions.append(prediction)
+            accuracy[task.index] = correct.item() / len(task.test)
+            task_accuracy[task.index] = correct_masked.item() / len(task.test)
+            if keep_predictions:
+                targets.append(task.test.y.cpu().numpy())
+                predictions.append(torch.cat(task_predictions).cpu().numpy())
     return Evaluation(accuracy, task_accuracy, targets, predictions)
 
 
@@ -378,7 +374,7 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                 checkpoint({"model": model.state_dict(), "strategy": strategy.state_dict(),
                             "rng": rng_state(order_generator, device), "progress": progress})
 
-        if progress["next_phase"] == len(phases) and resumed_from == len(phases):
+        if final is None:
             # Resumed after the last task: the final predictions (confusion matrix, F1) come
             # from one more pass over the restored model.
             final = evaluate_all(keep_predictions=True)

@@ -136,7 +136,8 @@ class Batch:
     def cat(batches: list[Batch]) -> Batch:
         replayed = None
         if any(b.replayed is not None for b in batches):
-            replayed = torch.cat([b.replayed if b.replayed is not None else b.fresh().logical_not()
+            replayed = torch.cat([b.replayed if b.replayed is not None
+                                  else torch.zeros(len(b), dtype=torch.bool, device=b.y.device)
                                   for b in batches])
         stored = None
         with_logits = [b.stored_logits for b in batches if b.stored_logits is not None]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.models import logits_of
+from cl.models import device_of, logits_of, tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task
 
@@ -122,7 +122,7 @@ class Distill(Strategy):
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         self.scenario = stream.scenario
-        self.class_mask = stream.class_mask().to(next(model.parameters()).device)
+        self.class_mask = stream.class_mask().to(device_of(model))
         # Row t: the classes of tasks 0..t, what a model trained through task t has seen.
         self.seen_mask = self.class_mask.cumsum(0) > 0
         if self.config.targets == "buffer":
@@ -186,8 +186,8 @@ class Distill(Strategy):
     def report(self) -> dict[str, Any]:
         if self.teacher is None:
             return {}
-        tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
-        return {"teacher_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        return {"teacher_bytes": tensor_bytes(tensors)}
 
     def state_dict(self) -> dict[str, Any]:
         teacher = self.teacher.state_dict() if self.teacher is not None else self.pending_teacher

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from cl.models import tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task
 
@@ -256,7 +257,7 @@ class EMA(Strategy):
 
     def report(self) -> dict[str, Any]:
         return {
-            "shadow_bytes": sum(t.numel() * t.element_size() for t in self._shadow.values()),
+            "shadow_bytes": tensor_bytes(self._shadow.values()),
             "shadowed_tensors": len(self._shadow),
             "decay": self.config.decay,
         }

@@ -95,13 +95,11 @@ class Freeze(Strategy):
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         names = [name for name, _ in model.named_parameters()]
-        for pattern in self.config.patterns:
+        checks = [("pattern", p) for p in self.config.patterns]
+        checks += [("lr_mult pattern", p) for p, _ in self.multipliers]
+        for what, pattern in checks:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                raise UsageError(f"freeze pattern {pattern!r} matches no parameter "
-                                 f"(names look like {', '.join(names[:4])})")
-        for pattern, _ in self.multipliers:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                raise UsageError(f"freeze lr_mult pattern {pattern!r} matches no parameter "
+                raise UsageError(f"freeze {what} {pattern!r} matches no parameter "
                                  f"(names look like {', '.join(names[:4])})")
         if self.config.depth > len(layers_with_parameters(model)):
             raise UsageError(f"freeze depth {self.config.depth} is more than the "

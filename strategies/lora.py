@@ -3,15 +3,18 @@ and earlier adapters frozen, and the evaluated task's adapter active at test tim
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.models import find_head, under
+from cl.models import find_head, trainable_parameters, under
 from cl.strategy import Strategy
 from cl.types import Stream, Task
 
@@ -162,7 +165,7 @@ class LoRA(Strategy):
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         self.add_adapter(model, task.index)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = trainable_parameters(model)
         self.trainable_per_task.append(trainable)
         log.info("lora: adapter %s, %d trainable parameters", self.current, trainable)
 
@@ -173,29 +176,24 @@ class LoRA(Strategy):
             unwrap_merged(model, name)
             self.current = None
 
-    def eval_context(self, model: nn.Module, task: Task):
-        import contextlib
-
+    def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
         if self.config.merge or not self.adapters:
             return contextlib.nullcontext()
         return self.task_adapter(model, task)
 
-    def task_adapter(self, model: nn.Module, task: Task):
-        import contextlib
-
-        @contextlib.contextmanager
-        def active():
-            name = adapter_name(task.index)
-            if name in self.adapters:
-                set_adapter(model, name)
-            else:
-                disable_adapters(model)  # not trained yet: the base model alone
-            try:
-                yield
-            finally:
-                # Back to the adapter being trained, with peft's trainable flags as they were.
-                self.activate_for_training(model, self.current or self.adapters[-1])
-        return active()
+    @contextlib.contextmanager
+    def task_adapter(self, model: nn.Module, task: Task) -> Iterator[None]:
+        """Task `task`'s adapter active, or the base alone for a task not trained yet."""
+        name = adapter_name(task.index)
+        if name in self.adapters:
+            set_adapter(model, name)
+        else:
+            disable_adapters(model)
+        try:
+            yield
+        finally:
+            # Back to the adapter being trained, with peft's trainable flags as they were.
+            self.activate_for_training(model, self.current or self.adapters[-1])
 
     def report(self) -> dict[str, Any]:
         return {"adapters": len(self.adapters), "targets": self.targets,

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from cl.models import logits_of
+from cl.models import device_of, eval_mode, logits_of, tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Inputs, Stream, Task, num_rows, take
 
@@ -134,7 +134,7 @@ class Buffer:
         """Bytes of the preallocated row storage (inputs, labels, task ids, logits)."""
         tensors = [self.y, self.task, self.logits]
         tensors += list(self.x.values()) if isinstance(self.x, dict) else [self.x]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return tensor_bytes(t for t in tensors if t is not None)
 
     def class_counts(self) -> dict[int, int]:
         """Rows held per class, classes in increasing order."""
@@ -382,11 +382,6 @@ class Buffer:
         return pairs
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 class Replay(Strategy):
     """Experience replay: every training batch gets rows drawn from a buffer of past rows.
 
@@ -411,7 +406,7 @@ class Replay(Strategy):
         # An own generator: replay draws never shift the global RNG (dropout, data order).
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.buffer = Buffer(self.config.capacity, self.config.policy, self.generator,
-                             _device_of(model))
+                             device_of(model))
 
     def transform_batch(self, batch: Batch, task: Task) -> Batch:
         if not len(self.buffer):
@@ -440,9 +435,7 @@ class Replay(Strategy):
         train = task.train
         # A seeded random order, so which rows survive does not depend on how data is sorted.
         order = torch.randperm(len(train), generator=self.generator).to(train.y.device)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for start in range(0, len(train), TASK_END_CHUNK):
                 index = order[start:start + TASK_END_CHUNK]
                 x = take(train.x, index)
@@ -451,8 +444,6 @@ class Replay(Strategy):
                     with torch.no_grad():
                         logits = logits_of(model, x)
                 self.buffer.insert(x, train.y[index], task.index, logits)
-        finally:
-            model.train(was_training)
 
     def report(self) -> dict[str, Any]:
         if self.buffer is None:
