@@ -8,6 +8,7 @@ deliberate error is one line on stderr and a non-zero exit (2 for bad input).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,14 @@ def configure(verbose: Annotated[int, Opt("--verbose", "-v", count=True,
     """Continual learning: train one model over a stream of tasks and measure what it forgets."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # The console is cl's: the Hugging Face libraries' own progress bars and advice stay off
+    # unless asked for with -vv.
+    if verbose < 2:
+        for variable, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                                ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                                ("TRANSFORMERS_VERBOSITY", "error"),
+                                ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+            os.environ.setdefault(variable, value)
 
 
 @app.command("run")
@@ -48,7 +57,14 @@ def run_command(
                            ] = None,
     data: Annotated[str | None, Opt(help="Data file or directory, or a hub dataset name")
                     ] = None,
-    model: Annotated[str | None, Opt(help="Model: mlp or cnn [mlp]")] = None,
+    train_per_task: Annotated[str | None, Opt(metavar="INT",
+                                              help="Cap each task's training rows (seeded, "
+                                              "stratified by class) [all]")] = None,
+    test_per_task: Annotated[str | None, Opt(metavar="INT",
+                                             help="Cap each task's test rows (seeded, "
+                                             "stratified by class) [all]")] = None,
+    model: Annotated[str | None, Opt(help="Model: mlp, cnn, minilm (text), or "
+                                          "hf:<name-or-path> (text) [mlp]")] = None,
     hidden: Annotated[str | None, Opt(metavar="SIZES",
                                       help="Hidden sizes, e.g. 400,400 [the model's own]")
                       ] = None,
@@ -87,6 +103,7 @@ def run_command(
 
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
              "classes_per_task": classes_per_task, "class_order": class_order, "data": data,
+             "train_per_task": train_per_task, "test_per_task": test_per_task,
              "model": model, "hidden": hidden, "init": init, "optimizer": optimizer, "lr": lr,
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
              "epochs": epochs, "seed": seed, "eval_every": eval_every, "device": device,

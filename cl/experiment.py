@@ -35,7 +35,9 @@ class RunConfig:
     classes_per_task: int | None = None
     class_order: str = "natural"
     data: str | None = None
-    model: str = "mlp"
+    train_per_task: int | None = None  # seeded stratified caps on each task's rows
+    test_per_task: int | None = None
+    model: str = "mlp"  # mlp, cnn, minilm, or hf:<name-or-path>
     hidden: tuple[int, ...] | None = None  # None: the model's default, resolved before saving
     init: str = "default"
     optimizer: str = "sgd"
@@ -121,14 +123,16 @@ class Built:
 
 def build(config: RunConfig) -> Built:
     """Resolve every name of `config` and check every value; nothing is written here."""
+    from cl.backbones import Backbone
     from cl.models import build_seeded
     from cl.runner import TrainConfig
+    from cl.sampling import cap_stream
     from cl.strategy import Chain
 
     # RunConfig holds every TrainConfig field under the same name.
     train = TrainConfig(**{field.name: getattr(config, field.name)
                            for field in dataclasses.fields(TrainConfig)})
-    for name in ("num_tasks", "classes_per_task"):
+    for name in ("num_tasks", "classes_per_task", "train_per_task", "test_per_task"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} must be positive, got {value}")
@@ -136,7 +140,21 @@ def build(config: RunConfig) -> Built:
 
     stream_name, stream_params = parse_spec(config.tasks)
     build_stream = registry.load("stream", stream_name)
-    build_model = registry.load("model", config.model)
+    # `hf:<name-or-path>`: a path may hold anything, so only the first ':' splits.
+    model_name, _, model_argument = config.model.partition(":")
+    build_model = registry.load("model", model_name)
+    backbone = build_model if isinstance(build_model, Backbone) else None
+    tokenizer = source = None
+    if backbone is not None:
+        for flag, value, default in (("hidden", config.hidden, None),
+                                     ("init", config.init, "default")):
+            if value != default:
+                raise UsageError(f"--{flag} does not apply to model {config.model!r}: "
+                                 "a pretrained backbone keeps its own layers")
+        source = backbone.source(model_argument)
+        tokenizer = backbone.tokenizer(source)
+    elif model_argument:
+        raise UsageError(f"model {model_name!r} takes no ':' argument (got {config.model!r})")
     strategies = []
     for spec in config.strategy:
         name, params = parse_spec(spec)
@@ -152,12 +170,25 @@ def build(config: RunConfig) -> Built:
     stream = build_stream(StreamOptions(
         scenario=config.scenario, num_tasks=config.num_tasks,
         classes_per_task=config.classes_per_task, class_order=config.class_order,
-        seed=config.seed, data=config.data, params=tuple(stream_params.items())))
+        seed=config.seed, data=config.data, params=tuple(stream_params.items()),
+        train_per_task=config.train_per_task, test_per_task=config.test_per_task,
+        tokenizer=tokenizer))
+    stream = cap_stream(stream, config.train_per_task, config.test_per_task, config.seed)
+    text_inputs = isinstance(stream.tasks[0].train.x, dict)
     hidden = config.hidden
-    if hidden is None:
-        hidden = tuple(inspect.signature(build_model).parameters["hidden"].default)
-    model = build_seeded(build_model, stream.input_shape, stream.num_classes, hidden,
-                         config.init, config.seed)
+    if backbone is not None:
+        if not text_inputs:
+            raise UsageError(f"model {config.model!r} reads text, but stream {stream_name!r} "
+                             "holds arrays; use a text stream (text-cl, text)")
+        model = backbone.model(source, stream.num_classes, config.seed, tokenizer.pad_token_id)
+    else:
+        if text_inputs:
+            raise UsageError(f"stream {stream_name!r} holds text: use --model minilm or "
+                             f"--model hf:<name-or-path>, not {config.model!r}")
+        if hidden is None:
+            hidden = tuple(inspect.signature(build_model).parameters["hidden"].default)
+        model = build_seeded(build_model, stream.input_shape, stream.num_classes, hidden,
+                             config.init, config.seed)
     resolved = dataclasses.replace(config, hidden=hidden, scenario=stream.scenario,
                                    tasks=format_spec(stream_name, stream_params))
     return Built(resolved, stream, model, strategy, train)
@@ -231,6 +262,10 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         "steps": result.steps,
         "train_seconds": result.train_seconds,
         "eval_seconds": result.eval_seconds,
+        "train_rows": result.train_rows,
+        "eval_rows": result.eval_rows,
+        "train_samples_per_second": result.train_rows / max(result.train_seconds, 1e-9),
+        "eval_samples_per_second": result.eval_rows / max(result.eval_seconds, 1e-9),
         "peak_rss_mb": peak_rss_mb(),
         "trainable_parameters": trainable_parameters(built.model),
         "strategies": built.strategy.report(),

@@ -19,10 +19,27 @@ from cl.types import Inputs
 INITS = ("default", "xavier")
 
 
+def trim_padding(x: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A tokenized batch without its trailing all-padding columns.
+
+    Text streams pad every row to the stream's longest (so batches and replayed rows
+    concatenate); a batch of short rows need not pay for that. Padding is on the right."""
+    mask = x.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return x
+    used = mask.any(0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    if width == mask.shape[1]:
+        return x
+    return {key: value[:, :width] if value.ndim == 2 and value.shape == mask.shape else value
+            for key, value in x.items()}
+
+
 def logits_of(model: nn.Module, x: Inputs) -> Tensor:
-    """The model's logits for `x`: a transformers model takes `**x` and returns `.logits`."""
+    """The model's logits for `x`: a transformers model takes `**x` (padding trimmed) and
+    returns `.logits`."""
     if isinstance(x, dict):
-        return model(**x).logits
+        return model(**trim_padding(x)).logits
     return model(x)
 
 
@@ -161,6 +178,21 @@ def find_head(model: nn.Module) -> str:
     if not linear:
         raise UsageError(f"cannot tell the head of {type(model).__name__}: it has no linear layer")
     return linear[-1]
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks, input first: the children of its largest
+    `nn.ModuleList` of one module type (a transformer's layers: `bert.encoder.layer.0`, ...);
+    empty for a model without one (the built-in MLP and CNN)."""
+    best: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if len(module) > len(best):
+            best = [f"{name}.{index}" if name else str(index) for index in range(len(module))]
+    return best
 
 
 def under(name: str, prefix: str) -> bool:

@@ -84,6 +84,8 @@ class RunResult:
     train_seconds: float
     eval_seconds: float
     steps: int
+    train_rows: int = 0  # rows forwarded in training, replayed rows included
+    eval_rows: int = 0  # test rows forwarded in evaluation, every variant included
     events: list[dict] = field(default_factory=list)
     # Extra matrices a strategy asked for (EMA's live weights beside the averaged ones), by name:
     # {"accuracy": rows, "initial_accuracy": row, "task_accuracy": rows or None, ...}.
@@ -126,6 +128,7 @@ class Evaluation:
     task_accuracy: np.ndarray
     targets: list[np.ndarray]
     predictions: list[np.ndarray]
+    rows: int  # test rows forwarded (what evaluation samples/s counts)
 
 
 def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[Task],
@@ -164,7 +167,8 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
             if keep_predictions:
                 targets.append(task.test.y.cpu().numpy())
                 predictions.append(torch.cat(task_predictions).cpu().numpy())
-    return Evaluation(accuracy, task_accuracy, targets, predictions)
+    return Evaluation(accuracy, task_accuracy, targets, predictions,
+                      sum(len(task.test) for task in tasks))
 
 
 def stream_to_device(stream: Stream, device: torch.device) -> Stream:
@@ -226,6 +230,7 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
     progress: dict = {"next_phase": 0, "step": 0, "rows": [], "task_rows": [],
                       "curve_steps": [], "curve_rows": [], "task_end_steps": [],
                       "train_seconds": 0.0, "eval_seconds": 0.0, "events": [],
+                      "train_rows": 0, "eval_rows": 0,
                       "variants": {name: {"rows": [], "task_rows": []} for name in variants}}
 
     def emit(event: dict) -> None:
@@ -234,8 +239,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
             listener(event)
 
     def evaluate_all(keep_predictions: bool = False) -> Evaluation:
-        return evaluate(model, stream, strategy, list(stream.tasks), class_mask,
-                        config.eval_batch_size, device, keep_predictions=keep_predictions)
+        evaluation = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
+                              config.eval_batch_size, device, keep_predictions=keep_predictions)
+        progress["eval_rows"] += evaluation.rows
+        return evaluation
 
     def evaluate_variants() -> dict[str, Evaluation]:
         evaluations = {}
@@ -307,6 +314,7 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     for term in terms.values():
                         loss = loss + term
                     loss_value = loss.item()
+                    progress["train_rows"] += len(batch)
                     task_step += 1
                     step += 1
                     if not math.isfinite(loss_value):
@@ -336,6 +344,7 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                             else list(stream.tasks)
                         during = evaluate(model, stream, strategy, seen, class_mask,
                                           config.eval_batch_size, device)
+                        progress["eval_rows"] += during.rows
                         progress["curve_steps"].append(step)
                         progress["curve_rows"].append(during.accuracy.tolist())
                         emit({"event": "eval", "step": step, "task": task.index,
@@ -397,6 +406,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         train_seconds=progress["train_seconds"],
         eval_seconds=progress["eval_seconds"],
         steps=progress["step"],
+        train_rows=progress["train_rows"],
+        eval_rows=progress["eval_rows"],
         events=progress["events"],
         variants={name: {"accuracy": matrix(v["rows"]),
                          "initial_accuracy": np.asarray(v["initial"], dtype=np.float64),

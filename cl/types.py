@@ -7,7 +7,7 @@ helpers here index, concatenate and move both forms so nothing else needs to car
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -166,3 +166,8 @@ class StreamOptions:
     seed: int = 0
     data: str | None = None  # a local path, or a Hugging Face hub name
     params: tuple[tuple[str, str], ...] = ()
+    # Seeded stratified caps on each task's rows; a builder that can cap before loading
+    # everything (text) does, and the caller caps every stream again (a no-op when done).
+    train_per_task: int | None = None
+    test_per_task: int | None = None
+    tokenizer: Any = None  # the text model's fast tokenizer; None for image models

@@ -1,6 +1,8 @@
 """Distill: KL(teacher || student) at a temperature, from a frozen teacher (the previous task's
 model as in LwF, the model before training, or one loaded from a file) or from logits a replay
-buffer stored (DER-style)."""
+buffer stored (DER-style); or, with `on=features`, the squared distance between the student's
+and the teacher's features (the head's input): what keeps a pretrained model's representation
+when its fresh head says nothing yet."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.models import device_of, logits_of, tensor_bytes
+from cl.models import device_of, find_head, logits_of, tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task
 
@@ -29,8 +31,13 @@ class DistillConfig:
     temperature: float = 2.0
     teacher: str = "previous"  # previous | initial | a path to weights (.safetensors, .pt)
     targets: Literal["teacher", "buffer"] = "teacher"
+    on: Literal["logits", "features"] = "logits"  # what is matched: outputs, or head inputs
 
     def __post_init__(self) -> None:
+        if self.on not in ("logits", "features"):
+            raise ValueError(f"on must be logits or features, got {self.on!r}")
+        if self.on == "features" and self.targets == "buffer":
+            raise ValueError("on=features needs a teacher model: a buffer stores logits only")
         if not self.alpha >= 0:
             raise ValueError(f"alpha must not be negative, got {self.alpha}")
         if not self.temperature > 0:
@@ -67,6 +74,32 @@ def distillation_loss(teacher_logits: Tensor, student_logits: Tensor, mask: Tens
     (Hinton et al., 2015)."""
     kl = masked_kl(teacher_logits, student_logits, mask, temperature)
     return alpha * temperature ** 2 * kl.mean()
+
+
+def feature_distance(teacher_features: Tensor, student_features: Tensor, alpha: float
+                     ) -> Tensor:
+    """`alpha * mean over rows of the squared distance` between feature vectors."""
+    difference = student_features.float() - teacher_features.float()
+    return alpha * difference.pow(2).sum(1).mean()
+
+
+class HeadInputs:
+    """Keeps the input of a model's head from its latest forward pass (a forward pre-hook)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.value: Tensor | None = None
+        self.handle = find_module(model, find_head(model)).register_forward_pre_hook(self.keep)
+
+    def keep(self, module: nn.Module, inputs: tuple) -> None:
+        self.value = inputs[0].flatten(1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    return dict(model.named_modules())[name]
 
 
 def load_weights(path: str) -> dict[str, Tensor]:
@@ -107,6 +140,8 @@ class Distill(Strategy):
         self.teacher: nn.Module | None = None
         self.seen_tasks = 0  # tasks the teacher has been trained through
         self.pending_teacher: dict[str, Tensor] | None = None
+        self.student_features: HeadInputs | None = None
+        self.teacher_features: HeadInputs | None = None
 
     def __repr__(self) -> str:
         return f"Distill({self.config})"
@@ -128,9 +163,9 @@ class Distill(Strategy):
         if self.config.targets == "buffer":
             return
         if self.config.teacher == "initial":
-            self.teacher = frozen_copy(model)
+            self.new_teacher(model)
         elif self.config.teacher != "previous":
-            self.teacher = frozen_copy(model)
+            self.new_teacher(model)
             try:
                 self.teacher.load_state_dict(load_weights(self.config.teacher))
             except (RuntimeError, OSError, ValueError) as error:
@@ -140,14 +175,30 @@ class Distill(Strategy):
     def before_task(self, model: nn.Module, task: Task) -> None:
         if self.pending_teacher is not None:
             # A resumed run: the model is whole again, so the teacher can take its shape.
-            self.teacher = frozen_copy(model)
-            self.teacher.load_state_dict(self.pending_teacher)
+            self.new_teacher(model).load_state_dict(self.pending_teacher)
             self.pending_teacher = None
+        if self.config.on == "features":
+            # Hooked per task, after LoRA (earlier in the chain) has wrapped the head.
+            self.unhook_student()
+            self.student_features = HeadInputs(model)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
         self.seen_tasks = task.index + 1
         if self.config.targets == "teacher" and self.config.teacher == "previous":
-            self.teacher = frozen_copy(model)
+            self.new_teacher(model)
+
+    def unhook_student(self) -> None:
+        if self.student_features is not None:
+            self.student_features.remove()
+            self.student_features = None
+
+    def new_teacher(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of `model` as the teacher, taken without the student's hook."""
+        self.unhook_student()
+        self.teacher = frozen_copy(model)
+        if self.config.on == "features":
+            self.teacher_features = HeadInputs(self.teacher)
+        return self.teacher
 
     def teacher_mask(self, rows: int) -> Tensor:
         """Which classes enter the KL against the teacher, one mask per softmax block."""
@@ -176,6 +227,10 @@ class Distill(Strategy):
             return {}  # LwF on its first task: nothing to preserve yet
         with torch.inference_mode():
             teacher_logits = logits_of(self.teacher, batch.x)
+        if config.on == "features":
+            # The student's head input is from this step's forward pass, the runner's.
+            return {"features": feature_distance(self.teacher_features.value.clone(),
+                                                 self.student_features.value, config.alpha)}
         # Leave inference mode's tensors behind: autograd must save these for the backward.
         teacher_logits = teacher_logits.clone()
         blocks = self.teacher_mask(len(batch))

@@ -185,6 +185,11 @@ class EMA(Strategy):
         self._synchronise(model)
 
     def before_task(self, model: nn.Module, task: Task) -> None:
+        if self._steps == 0:
+            # Nothing averaged yet, so the shadow equals the live weights: start it over from
+            # what trains now that freeze and LoRA (earlier in the chain) have acted. A frozen
+            # base then costs no shadow memory.
+            self._shadow = {}
         self._synchronise(model)
         if self.config.reset:
             self._copy_live_into_shadow()

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from cl.errors import UsageError
-from cl.models import find_head, under
+from cl.models import find_head, repeated_blocks, under
 from cl.strategy import Strategy
 from cl.types import Stream, Task
 
@@ -42,18 +42,24 @@ class FreezeConfig:
     patterns: tuple[str, ...] = ()  # globs on parameter names, e.g. "body.0.*|body.2.*"
     depth: int = 0  # freeze the first `depth` layers (modules holding parameters), input first
     head_only: bool = False  # train the head alone
+    # Freeze what comes before the model's repeated blocks (a transformer's embeddings) and the
+    # first `blocks` blocks (its lower layers).
+    blocks: int = 0
     after_task: int = 0  # start freezing at this task index (FACIL's freeze-after)
     lr_mult: tuple[str, ...] = ()  # "pattern=factor": learning-rate multipliers, first match wins
     bn_eval: bool = False  # keep frozen BatchNorm layers in eval mode: their statistics stay too
 
     def __post_init__(self) -> None:
+        if self.blocks < 0:
+            raise ValueError(f"blocks must not be negative, got {self.blocks}")
         if self.depth < 0:
             raise ValueError(f"depth must not be negative, got {self.depth}")
         if self.after_task < 0:
             raise ValueError(f"after_task must not be negative, got {self.after_task}")
         parse_lr_mult(self.lr_mult)
-        if not (self.patterns or self.depth or self.head_only or self.lr_mult):
-            raise ValueError("freeze needs at least one of patterns, depth, head_only, lr_mult")
+        if not (self.patterns or self.depth or self.blocks or self.head_only or self.lr_mult):
+            raise ValueError("freeze needs at least one of patterns, depth, blocks, head_only, "
+                             "lr_mult")
 
 
 def layers_with_parameters(model: nn.Module) -> list[str]:
@@ -70,6 +76,15 @@ def frozen_names(model: nn.Module, config: FreezeConfig) -> set[str]:
     if config.depth:
         layers = layers_with_parameters(model)[:config.depth]
         frozen |= {name for name in names if any(under(name, layer) for layer in layers)}
+    if config.blocks:
+        blocks = repeated_blocks(model)
+        first = blocks[0]
+        # Parameters registered before the first block: the embeddings.
+        position = {name: index for index, name in enumerate(names)}
+        start = min(position[name] for name in names if under(name, first))
+        frozen |= set(names[:start])
+        frozen |= {name for name in names
+                   if any(under(name, block) for block in blocks[:config.blocks])}
     if config.head_only:
         head = find_head(model)
         frozen |= {name for name in names if not under(name, head)}
@@ -101,6 +116,14 @@ class Freeze(Strategy):
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 raise UsageError(f"freeze {what} {pattern!r} matches no parameter "
                                  f"(names look like {', '.join(names[:4])})")
+        if self.config.blocks:
+            blocks = repeated_blocks(model)
+            if not blocks:
+                raise UsageError(f"freeze blocks={self.config.blocks}: {type(model).__name__} "
+                                 "has no repeated blocks (use depth or patterns)")
+            if self.config.blocks > len(blocks):
+                raise UsageError(f"freeze blocks={self.config.blocks} is more than the "
+                                 f"{len(blocks)} blocks of the model")
         if self.config.depth > len(layers_with_parameters(model)):
             raise UsageError(f"freeze depth {self.config.depth} is more than the "
                              f"{len(layers_with_parameters(model))} layers of the model")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.models import find_head, trainable_parameters, under
+from cl.models import find_head, repeated_blocks, trainable_parameters, under
 from cl.strategy import Strategy
 from cl.types import Stream, Task
 
@@ -28,7 +29,9 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
-    targets: tuple[str, ...] = ()  # globs on module names; empty: all linear/conv but the head
+    # Globs on module names; empty: the linear layers of the repeated blocks (attention and
+    # feed-forward of a transformer), else every linear/conv layer but the head.
+    targets: tuple[str, ...] = ()
     head: Literal["shared", "per_task"] = "per_task"
     merge: bool = False  # fold each adapter into the base after its task: no task id needed
 
@@ -50,13 +53,18 @@ def adapter_name(task_index: int) -> str:
 
 
 def target_modules(model: nn.Module, patterns: tuple[str, ...], head: str) -> list[str]:
-    """Full names of the layers to adapt: those matching `patterns`, or every linear and conv
-    layer outside the head when there are none."""
+    """Full names of the layers to adapt: those matching `patterns`; without patterns, the
+    linear layers of the model's repeated blocks (a transformer's attention and feed-forward
+    layers), or every linear and conv layer outside the head for a model without blocks."""
+    blocks = repeated_blocks(model) if not patterns else []
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, ADAPTABLE) or under(name, head):
             continue
         if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if blocks and not (isinstance(module, nn.Linear)
+                           and any(under(name, block) for block in blocks)):
             continue
         if not patterns and isinstance(module, nn.Embedding):
             continue
@@ -150,7 +158,10 @@ class LoRA(Strategy):
             r=self.config.rank, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
             target_modules=self.targets, init_lora_weights=True,
             modules_to_save=[self.head] if self.config.head == "per_task" else None)
-        inject_adapter_in_model(peft_config, model, adapter_name=name)
+        with warnings.catch_warnings():
+            # peft warns that a second adapter joins the first: one per task is the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(peft_config, model, adapter_name=name)
         self.adapters.append(name)
         self.activate_for_training(model, name)
 

@@ -7,10 +7,11 @@ use, and settings it does not know, are refused rather than ignored.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import Tensor
 
-from cl.errors import UsageError
+from cl.errors import DataError, UsageError
 from cl.types import Stream, StreamOptions
 from tasks.digits import load_digits
 from tasks.hf import load_image_classification
@@ -24,6 +25,7 @@ from tasks.split import (
     rotated_stream,
     split_stream,
 )
+from tasks.text import DEFAULT_MAX_LENGTH, TextSource, text_stream
 
 Arrays = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -171,3 +173,114 @@ def split_hf(options: StreamOptions) -> Stream:
         "train_split": "train", "test_split": "test"})
     source = _require_data("split-hf", options, "a Hugging Face dataset name or local path")
     return _split("split-hf", options, load_image_classification(source, **settings))
+
+
+# The continual-learning text benchmark of the LoRA-for-CL literature (de Masson d'Autume et al.
+# 2019; O-LoRA): Zhang et al.'s 2015 classification sets. The hub copies and their columns; the
+# two review sets share the five sentiment names, as the local labels.json files have them.
+SENTIMENT = ("very negative", "negative", "neutral", "positive", "very positive")
+TEXT_CL_HUB = {
+    "agnews": TextSource("agnews", "fancyzhx/ag_news",
+                         label_names=("World", "Sports", "Business", "Science or Technology")),
+    "amazon": TextSource("amazon", "SetFit/amazon_reviews_multi_en", label_names=SENTIMENT),
+    "dbpedia": TextSource("dbpedia", "fancyzhx/dbpedia_14", text_columns=("title", "content")),
+    "yelp": TextSource("yelp", "Yelp/yelp_review_full", label_names=SENTIMENT),
+}
+TEXT_CL_ORDER = "agnews|amazon|dbpedia|yelp"
+
+
+def _text_settings(stream: str, options: StreamOptions, extra: dict[str, str]
+                   ) -> tuple[dict[str, str], int, bool]:
+    """A text stream's settings, with max_length and share_labels checked."""
+    settings = _checked_settings(stream, options, {
+        **extra, "max_length": str(DEFAULT_MAX_LENGTH), "share_labels": "false"})
+    if options.classes_per_task is not None or options.class_order != "natural":
+        raise UsageError(f"--classes-per-task and --class-order do not apply to stream "
+                         f"{stream!r}: each dataset is one task with its own classes")
+    if options.num_tasks is not None:
+        raise UsageError(f"--num-tasks does not apply to stream {stream!r}: it has one task per "
+                         "dataset (choose them with its order or datasets setting)")
+    try:
+        max_length = int(settings["max_length"])
+    except ValueError:
+        raise UsageError(f"max_length={settings['max_length']!r} for stream {stream!r} is not "
+                         "an integer") from None
+    share = settings["share_labels"].lower()
+    if share not in ("true", "false"):
+        raise UsageError(f"share_labels={settings['share_labels']!r} for stream {stream!r} is "
+                         "not true or false")
+    return settings, max_length, share == "true"
+
+
+def _build_text(stream: str, options: StreamOptions, sources: list[TextSource],
+                max_length: int, share_labels: bool) -> Stream:
+    return text_stream(stream, sources, options.tokenizer, scenario=options.scenario or "class",
+                       share_labels=share_labels, max_length=max_length,
+                       train_per_task=options.train_per_task,
+                       test_per_task=options.test_per_task, seed=options.seed)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split("|") if part.strip()]
+
+
+def text_cl(options: StreamOptions) -> Stream:
+    """Text CL: agnews, amazon, dbpedia, yelp (--data DIR/<name>/{train,test}.jsonl, else hub)."""
+    settings, max_length, share = _text_settings("text-cl", options, {"order": TEXT_CL_ORDER})
+    order = _names(settings["order"])
+    unknown = [name for name in order if name not in TEXT_CL_HUB]
+    if unknown or not order:
+        bad = unknown[0] if unknown else settings["order"]
+        raise UsageError(f"order for stream 'text-cl': unknown dataset {bad!r} (known: "
+                         f"{', '.join(TEXT_CL_HUB)}; e.g. order=dbpedia|amazon|yelp|agnews)")
+    if options.data is not None:
+        root = Path(options.data).expanduser()
+        if not root.is_dir():
+            raise DataError(f"--data {options.data}: not a directory (expected "
+                            "DIR/<name>/{train,test}.jsonl for agnews, amazon, dbpedia, yelp)")
+        sources = [TextSource(name, str(root / name)) for name in order]
+        missing = [s.source for s in sources if not Path(s.source).is_dir()]
+        if missing:
+            raise DataError(f"--data {options.data}: no directory {missing[0]}")
+    else:
+        sources = [TEXT_CL_HUB[name] for name in order]
+    return _build_text("text-cl", options, sources, max_length, share)
+
+
+def _per_dataset(stream: str, key: str, text: str, count: int) -> list[str]:
+    """One value for every dataset, or a `|`-separated list with one value each."""
+    values = _names(text)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise UsageError(f"{key} for stream {stream!r} lists {len(values)} values for "
+                         f"{count} datasets; give one, or one per dataset")
+    return values
+
+
+def text(options: StreamOptions) -> Stream:
+    """Any text classification datasets, one task each (datasets=a|b, hub names or dirs)."""
+    settings, max_length, share = _text_settings("text", options, {
+        "datasets": "", "text_column": "text", "label_column": "label",
+        "train_split": "train", "test_split": "test"})
+    names = _names(settings["datasets"])
+    if not names:
+        raise UsageError("stream 'text' needs datasets=a|b|... (hub names, or directories; "
+                         "relative to --data when it is given)")
+    count = len(names)
+    columns = {key: _per_dataset("text", key, settings[key], count)
+               for key in ("text_column", "label_column", "train_split", "test_split")}
+    root = Path(options.data).expanduser() if options.data is not None else None
+    if root is not None and not root.is_dir():
+        raise DataError(f"--data {options.data}: not a directory")
+    sources = []
+    for position, name in enumerate(names):
+        source = str(root / name) if root is not None else name
+        sources.append(TextSource(
+            Path(name).name or name, source,
+            text_columns=tuple(part for part in columns["text_column"][position].split("+")
+                               if part),
+            label_column=columns["label_column"][position],
+            train_split=columns["train_split"][position],
+            test_split=columns["test_split"][position]))
+    return _build_text("text", options, sources, max_length, share)
