@@ -41,7 +41,30 @@ def strategy_cost() -> str:
     return "\n".join(lines)
 
 
+def text_cl() -> str:
+    data = json.loads((RESULTS / "text_cl.json").read_text())
+    results = data["results"]
+    names = list(next(iter(results.values()))["per_task_final"])
+    lines = ["| method | ACC | BWT | of joint | " + " | ".join(names)
+             + " | train samples/s | eval samples/s | trainable parameters | peak MiB |",
+             "|---" * (8 + len(names)) + "|"]
+    for name, entry in results.items():
+        bwt = "-" if entry["bwt"] is None else f"{100 * entry['bwt']:.2f}"
+        per_task = " | ".join(f"{100 * a:.1f}" for a in entry["per_task_final"].values())
+        trainable = entry["trainable_parameters_per_task"] or [entry["trainable_parameters"]]
+        trainable_text = f"{trainable[0]:,}" + (" per task" if entry[
+            "trainable_parameters_per_task"] else "")
+        lines.append(f"| {name} | {100 * entry['acc']:.2f} | {bwt} | "
+                     f"{100 * entry['fraction_of_joint']:.0f}% | {per_task} | "
+                     f"{entry['train_samples_per_second']:.1f} | "
+                     f"{entry['eval_samples_per_second']:.1f} | {trainable_text} | "
+                     f"{entry['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(seq_mnist())
     print()
     print(strategy_cost())
+    print()
+    print(text_cl())

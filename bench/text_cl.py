@@ -34,7 +34,7 @@ METHODS: dict[str, tuple[list[str], str]] = {
              "a LoRA adapter and classifier per task on attention + FFN; base frozen"),
     "replay": (["--lr", FULL_LR, "--strategy", "replay:capacity=200,batch_size=16"],
                "full fine-tuning + 200 tokenized rows replayed (reservoir)"),
-    "distill": (["--lr", FULL_LR, "--strategy", "distill:teacher=initial,on=features,alpha=1"],
+    "distill": (["--lr", FULL_LR, "--strategy", "distill:teacher=initial,on=features,alpha=0.1"],
                 "full fine-tuning + feature distillation from the pretrained model"),
     "ema": (["--lr", FULL_LR, "--strategy", "ema:decay=0.99"],
             "full fine-tuning, evaluated with an EMA of the weights"),
@@ -102,6 +102,14 @@ def main() -> None:
                   f"train {entry['train_samples_per_second']:6.1f}/s  eval "
                   f"{entry['eval_samples_per_second']:6.1f}/s  {entry['wall_seconds']:.0f} s",
                   flush=True)
+    if args.out.is_file():
+        # A rerun of some methods keeps the others' results (same setting only).
+        previous = json.loads(args.out.read_text())
+        if previous["setting"]["train_per_task"] == args.train_per_task and previous[
+                "setting"]["test_per_task"] == args.test_per_task and previous["setting"][
+                "max_length"] == args.max_length and previous["setting"]["seed"] == args.seed:
+            results = {**previous["results"], **results}
+            results = {name: results[name] for name in METHODS if name in results}
     joint = results.get("joint", {}).get("acc")
     for entry in results.values():
         entry["fraction_of_joint"] = entry["acc"] / joint if joint else None
