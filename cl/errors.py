@@ -1,6 +1,13 @@
 """The errors cl raises on purpose, each carrying one line for the user."""
 
 
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a
+    one-line error report quotes of an exception from a library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ClError(Exception):
     """Base of cl's deliberate errors: the message is one line meant for the user."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cl import __version__, registry
-from cl.errors import UsageError
+from cl.errors import UsageError, one_line
 from cl.spec import format_spec, parse_config, parse_spec
 from cl.types import SCENARIOS, StreamOptions
 
@@ -90,7 +90,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UsageError(f"config file {path} must end in .toml or .json")
     except (ValueError, UnicodeDecodeError) as error:
         raise UsageError(f"config file {path} is not valid {path.suffix[1:].upper()}: "
-                         f"{str(error).splitlines()[0]}") from None
+                         f"{one_line(error)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table of settings")
     settings = {key.replace("-", "_"): value for key, value in data.items()}

@@ -1,8 +1,8 @@
 """Seeded stratified subsets: the per-task caps on train and test rows (`--train-per-task`).
 
 A cap keeps each class's share of the rows (largest remainders get the spare slots), draws the
-rows of each class with its own seeded generator, and keeps the kept rows in their original
-order, so a capped split is a plain subset of the full one and the same seed gives the same rows.
+rows of every class from one generator seeded per task and split, and keeps the chosen rows in
+their original order: a capped split is a plain subset of the full one, the same for one seed.
 """
 
 from __future__ import annotations

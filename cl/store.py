@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cl.errors import UsageError
+from cl.errors import UsageError, one_line
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -143,8 +143,7 @@ def read_checkpoint(run_dir: Path) -> dict | None:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         state["model"] = load_file(str(directory / MODEL_FILE))
     except Exception as error:  # a truncated or foreign file: say which, no traceback
-        raise UsageError(f"cannot read checkpoint {directory}: {str(error).splitlines()[0]}"
-                         ) from None
+        raise UsageError(f"cannot read checkpoint {directory}: {one_line(error)}") from None
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {directory} has format {state.get('format')!r}, "
                          f"expected {CHECKPOINT_FORMAT}")

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from cl.errors import UsageError
+from cl.errors import UsageError, one_line
 from cl.models import device_of, find_head, logits_of, tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task
@@ -87,19 +87,14 @@ class HeadInputs:
     """Keeps the input of a model's head from its latest forward pass (a forward pre-hook)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
         self.value: Tensor | None = None
-        self.handle = find_module(model, find_head(model)).register_forward_pre_hook(self.keep)
+        self.handle = model.get_submodule(find_head(model)).register_forward_pre_hook(self.keep)
 
     def keep(self, module: nn.Module, inputs: tuple) -> None:
         self.value = inputs[0].flatten(1)
 
     def remove(self) -> None:
         self.handle.remove()
-
-
-def find_module(model: nn.Module, name: str) -> nn.Module:
-    return dict(model.named_modules())[name]
 
 
 def load_weights(path: str) -> dict[str, Tensor]:
@@ -170,7 +165,7 @@ class Distill(Strategy):
                 self.teacher.load_state_dict(load_weights(self.config.teacher))
             except (RuntimeError, OSError, ValueError) as error:
                 raise UsageError(f"cannot load teacher {self.config.teacher}: "
-                                 f"{str(error).splitlines()[0]}") from None
+                                 f"{one_line(error)}") from None
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         if self.pending_teacher is not None:

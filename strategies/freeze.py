@@ -80,8 +80,7 @@ def frozen_names(model: nn.Module, config: FreezeConfig) -> set[str]:
         blocks = repeated_blocks(model)
         first = blocks[0]
         # Parameters registered before the first block: the embeddings.
-        position = {name: index for index, name in enumerate(names)}
-        start = min(position[name] for name in names if under(name, first))
+        start = next(index for index, name in enumerate(names) if under(name, first))
         frozen |= set(names[:start])
         frozen |= {name for name in names
                    if any(under(name, block) for block in blocks[:config.blocks])}

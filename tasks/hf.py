@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl.errors import DataError
+from cl.errors import DataError, one_line
 from tasks.images import to_images
 
 logger = logging.getLogger(__name__)
@@ -17,10 +17,6 @@ logger = logging.getLogger(__name__)
 # Images decoded per batch: bounds the memory of the decoded-but-not-yet-stacked lists.
 _DECODE_BATCH = 8192
 
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _decode_split(split, source: str, split_name: str, image_column: str,
@@ -81,7 +77,7 @@ def load_image_classification(source: str, *, image_column: str = "image",
         dataset = datasets.load_dataset(
             source, cache_dir=None if cache_dir is None else os.fspath(cache_dir))
     except Exception as error:  # offline, missing, malformed: each becomes one line
-        raise DataError(f"could not load dataset {source!r}: {_one_line(error)}") from None
+        raise DataError(f"could not load dataset {source!r}: {one_line(error)}") from None
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"dataset {source!r} did not load as named splits")
     arrays = []

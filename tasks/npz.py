@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl.errors import DataError
+from cl.errors import DataError, one_line
 from tasks.images import to_images
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -45,8 +45,7 @@ def read_npz(path: str | os.PathLike, keys: Sequence[str] = KEYS) -> dict[str, n
                                 f"(found: {', '.join(archive.files) or 'nothing'})")
             arrays = {key: archive[key] for key in keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{path}: not a readable .npz archive ({reason})") from None
+        raise DataError(f"{path}: not a readable .npz archive ({one_line(error)})") from None
     for split in ("train", "test"):
         x_key, y_key = f"x_{split}", f"y_{split}"
         if y_key not in arrays:

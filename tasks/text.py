@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl.errors import DataError, UsageError
+from cl.errors import DataError, UsageError, one_line
 from cl.sampling import cap_seed, stratified_indices
 from cl.types import Split, Stream, Task
 
@@ -63,10 +63,6 @@ class RawTask:
     test_labels: np.ndarray
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 def load_splits(source: TextSource) -> Any:
     """The `datasets.DatasetDict` of a source, or a one-line DataError."""
@@ -80,7 +76,7 @@ def load_splits(source: TextSource) -> Any:
         dataset = datasets.load_dataset(str(path) if path.is_dir() else source.source)
     except Exception as error:  # offline, missing, malformed: each becomes one line
         raise DataError(f"{source.name}: could not load dataset {source.source!r}: "
-                        f"{_one_line(error)}") from None
+                        f"{one_line(error)}") from None
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{source.name}: dataset {source.source!r} did not load as named splits")
     for split in (source.train_split, source.test_split):
@@ -104,7 +100,7 @@ def _label_names(source: TextSource, dataset: Any) -> list[str] | None:
         try:
             names = json.loads(labels_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise DataError(f"{labels_file} is not valid JSON: {_one_line(error)}") from None
+            raise DataError(f"{labels_file} is not valid JSON: {one_line(error)}") from None
         if (not isinstance(names, list) or not names
                 or not all(isinstance(name, str) for name in names)
                 or len(set(names)) != len(names)):
