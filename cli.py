@@ -96,10 +96,14 @@ def run_command(
     resume: Annotated[Path | None, Opt(metavar="DIR",
                                        help="Continue the unfinished run in DIR after its last "
                                        "finished task (settings from DIR/config.json)")] = None,
+    log: Annotated[list[str] | None, Opt(help="Also log losses and evaluations as the run "
+                                             "goes: csv (log.csv), tensorboard (tensorboard/); "
+                                             "repeatable")] = None,
 ) -> None:
     """Train one model over a task stream; print the accuracy matrix and what it forgot."""
     from cl.errors import UsageError
     from cl.experiment import build, execute, make_config, read_config_file
+    from cl.logs import check_log_formats
 
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
              "classes_per_task": classes_per_task, "class_order": class_order, "data": data,
@@ -121,6 +125,7 @@ def run_command(
     settings = read_config_file(config) if config is not None else {}
     settings.update({key: value for key, value in flags.items() if value is not None})
     run_config = make_config(settings, source="cl run")
+    check_log_formats(log or ())
     built = build(run_config)
 
     console = _console()
@@ -137,8 +142,138 @@ def run_command(
                                 description=descriptions[event["task"]])
 
         run_dir, metrics = execute(built.config, out, listener=listener, built=built,
-                                   resume=resume is not None)
+                                   resume=resume is not None, logs=tuple(log or ()))
     _print_run(console, metrics, run_dir)
+
+
+@app.command("ablate")
+def ablate_command(
+    spec: Annotated[Path, typer.Argument(help="TOML or JSON spec: seeds = [...], a [base] table "
+                                              "of run settings, a [grid] table of lists")],
+    out: Annotated[Path | None, Opt(help="Directory of the runs [runs/<spec file name>]")
+                   ] = None,
+    workers: Annotated[int | None, Opt(help="Runs at once [the core count]")] = None,
+    threads: Annotated[int | None, Opt(help="Torch threads per run [cores // workers]")] = None,
+    executor: Annotated[str, Opt(help="process (local worker processes) or ray")] = "process",
+    ray_address: Annotated[str | None, Opt(help="Ray cluster address, e.g. ray://head:10001 "
+                                               "or auto [a local Ray]")] = None,
+    gpus_per_run: Annotated[float | None, Opt(help="GPUs each Ray task claims [1 for a cuda "
+                                                   "device, else 0]")] = None,
+    retry_failed: Annotated[bool, Opt(help="Run again the runs that failed before")] = False,
+    log: Annotated[list[str] | None, Opt(help="Also log each run's losses and evaluations: "
+                                             "csv, tensorboard (repeatable)")] = None,
+    dry_run: Annotated[bool, Opt(help="List the runs and what would happen, run nothing")
+                       ] = False,
+) -> None:
+    """Run every combination of a grid of settings over seeds, in parallel; resumable."""
+    import signal
+
+    from cl.ablation import ablate, expand, read_spec, status_of
+
+    parsed = read_spec(spec)
+    out = out if out is not None else Path("runs") / spec.stem
+    jobs = expand(parsed, out)
+    console = _console()
+    if dry_run:
+        for job in jobs:
+            console.print(f"{status_of(job.run_dir):8} {job.run_dir}", soft_wrap=True)
+        console.print(f"{len(jobs)} runs ({len(jobs) // len(parsed.seeds)} configurations x "
+                      f"{len(parsed.seeds)} seeds)", soft_wrap=True)
+        return
+    # A polite kill stops the workers too, as Ctrl-C does; their runs resume next time.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with _progress(console) as progress:
+        bar = progress.add_task("runs", total=len(jobs))
+        running: set[str] = set()
+
+        def on_plan(before, to_run) -> None:
+            progress.update(bar, completed=len(before),
+                            description=f"runs ({len(before)} done or failed before)")
+
+        def on_start(job) -> None:
+            running.add(job.name)
+            progress.update(bar, description=f"runs ({len(running)} running)")
+
+        def on_finish(outcome) -> None:
+            running.discard(outcome.job.name)
+            progress.update(bar, advance=1, description=f"runs ({len(running)} running)")
+            if outcome.status == "failed":
+                console.print(f"failed: {outcome.job.name}: {outcome.error}", soft_wrap=True)
+
+        outcomes = ablate(jobs, out, parsed, executor=executor, workers=workers,
+                          threads=threads, retry_failed=retry_failed, logs=tuple(log or ()),
+                          ray_address=ray_address, gpus_per_run=gpus_per_run,
+                          on_plan=on_plan, on_start=on_start, on_finish=on_finish)
+    counts = {status: sum(o.status == status for o in outcomes)
+              for status in ("done", "skipped", "failed")}
+    console.print(f"{len(outcomes)} runs in {out}: {counts['done']} finished now, "
+                  f"{counts['skipped']} done before, {counts['failed']} failed",
+                  soft_wrap=True)
+    failed = [outcome for outcome in outcomes if outcome.status == "failed"]
+    for outcome in failed:
+        console.print(f"  failed: {outcome.job.name}: {outcome.error}", soft_wrap=True)
+    if failed:
+        console.print(f"errors and tracebacks are in each run's error.json; rerun them with "
+                      f"cl ablate {spec} --out {out} --retry-failed", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"report: cl report {out}", soft_wrap=True)
+
+
+@app.command("report")
+def report_command(
+    directories: Annotated[list[Path], typer.Argument(help="Run directories, or directories "
+                                                           "holding runs (searched below)")],
+    out: Annotated[Path | None, Opt(help="Where to write the report [DIR/report for one DIR]")
+                   ] = None,
+    html: Annotated[bool, Opt("--html", help="Also write report.html, one self-contained page")
+                    ] = False,
+    compare: Annotated[list[str] | None, Opt(metavar="A,B",
+                                             help="Compare configuration B with A seed by seed "
+                                             "(names or unique parts of them; repeatable) "
+                                             "[every pair, up to 8 configurations]")] = None,
+) -> None:
+    """Tables (mean, std, 95% CI over seeds), paired comparisons and figures of many runs."""
+    from rich.table import Table
+
+    from cl.errors import UsageError
+    from cl.report import build_report, paired_table, summary_table, write_report
+
+    pairs = []
+    for item in compare or []:
+        parts = [part.strip() for part in item.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(f"--compare takes two configurations as A,B, got {item!r}")
+        pairs.append((parts[0], parts[1]))
+    if out is None:
+        if len(directories) != 1:
+            raise UsageError("with several directories, say where the report goes: --out DIR")
+        out = directories[0] / "report"
+    report = build_report(directories, pairs)
+    files = write_report(report, out, html_page=html)
+
+    console = _console(wide=True)
+    header, cells = summary_table(report.rows)
+    table = Table(title=f"{len(report.found.runs)} runs, mean ± 95% CI over seeds "
+                        "(accuracies in %)", title_justify="left")
+    for index, title in enumerate(header):
+        table.add_column(title, justify="left" if index == 0 else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    if report.comparisons:
+        header, cells = paired_table(report.comparisons, report.groups)
+        table = Table(title="Paired: B minus A on shared seeds (points)", title_justify="left")
+        for index, title in enumerate(header):
+            table.add_column(title, justify="left" if index < 2 else "right")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    found = report.found
+    if found.unfinished or found.failed:
+        console.print(f"left out: {len(found.unfinished)} unfinished and {len(found.failed)} "
+                      "failed runs (listed in report.md)", soft_wrap=True)
+    console.print(f"wrote {len(files)} files to {out}: report.md, report.csv, report.json"
+                  f"{', report.html' if html else ''}, figures/", soft_wrap=True)
 
 
 @app.command("list")
@@ -159,10 +294,14 @@ def list_command() -> None:
         console.print()
 
 
-def _console():
+def _console(wide: bool = False):
+    """The console; `wide` tables get 160 columns when the output is not a terminal."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if wide and not console.is_terminal:
+        console = Console(highlight=False, width=160)
+    return console
 
 
 def _progress(console):
@@ -229,7 +368,13 @@ def main(argv: list[str] | None = None) -> None:
 
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="cl", standalone_mode=False)
+        # Outside standalone mode typer returns the code of a `typer.Exit` instead of exiting,
+        # and turns Ctrl-C into the code 130.
+        code = command.main(args=argv, prog_name="cl", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except typer.Exit as stop:
         sys.exit(stop.exit_code)
     except (typer.Abort, KeyboardInterrupt):

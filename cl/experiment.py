@@ -68,14 +68,12 @@ class RunConfig:
 CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(RunConfig))
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML or JSON config file, keys checked against RunConfig's fields.
-
-    Dashes in keys are read as underscores (`batch-size` = `batch_size`), like the CLI flags.
-    """
+def read_data_file(path: str | Path, what: str) -> Any:
+    """The parsed content of a TOML or JSON file; a missing or malformed file is one error line
+    naming `what` ("config file", "ablation spec") and the path."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist")
+        raise UsageError(f"{what} {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
@@ -83,14 +81,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 import tomllib
             else:  # pragma: no cover
                 import tomli as tomllib
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise UsageError(f"config file {path} must end in .toml or .json")
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
     except (ValueError, UnicodeDecodeError) as error:
-        raise UsageError(f"config file {path} is not valid {path.suffix[1:].upper()}: "
+        raise UsageError(f"{what} {path} is not valid {path.suffix[1:].upper()}: "
                          f"{one_line(error)}") from None
+    raise UsageError(f"{what} {path} must end in .toml or .json")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML or JSON config file, keys checked against RunConfig's fields.
+
+    Dashes in keys are read as underscores (`batch-size` = `batch_size`), like the CLI flags.
+    """
+    data = read_data_file(path, "config file")
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table of settings")
     settings = {key.replace("-", "_"): value for key, value in data.items()}
@@ -121,12 +126,29 @@ class Built:
     train: Any
 
 
-def build(config: RunConfig) -> Built:
-    """Resolve every name of `config` and check every value; nothing is written here."""
+@dataclass
+class Plan:
+    """What a RunConfig names, resolved and checked without loading any data or weights."""
+
+    train: Any  # the TrainConfig
+    stream_name: str
+    stream_params: dict[str, str]
+    build_stream: Any
+    model_name: str
+    build_model: Any
+    backbone: Any  # a Backbone for pretrained text models, else None
+    source: str | None  # the backbone's resolved name or path
+    strategy: Any  # the Chain of strategies, freshly built
+
+
+def plan(config: RunConfig) -> Plan:
+    """Resolve every name of `config` and check every value that needs no data.
+
+    Cheap enough to run over a whole ablation grid before any run starts: unknown streams,
+    models and strategies, strategy parameters, and bad values all fail here.
+    """
     from cl.backbones import Backbone
-    from cl.models import build_seeded
     from cl.runner import TrainConfig
-    from cl.sampling import cap_stream
     from cl.strategy import Chain
 
     # RunConfig holds every TrainConfig field under the same name.
@@ -144,7 +166,7 @@ def build(config: RunConfig) -> Built:
     model_name, _, model_argument = config.model.partition(":")
     build_model = registry.load("model", model_name)
     backbone = build_model if isinstance(build_model, Backbone) else None
-    tokenizer = source = None
+    source = None
     if backbone is not None:
         for flag, value, default in (("hidden", config.hidden, None),
                                      ("init", config.init, "default")):
@@ -152,7 +174,6 @@ def build(config: RunConfig) -> Built:
                 raise UsageError(f"--{flag} does not apply to model {config.model!r}: "
                                  "a pretrained backbone keeps its own layers")
         source = backbone.source(model_argument)
-        tokenizer = backbone.tokenizer(source)
     elif model_argument:
         raise UsageError(f"model {model_name!r} takes no ':' argument (got {config.model!r})")
     strategies = []
@@ -166,11 +187,25 @@ def build(config: RunConfig) -> Built:
         strategy = Chain(*strategies)
     except ValueError as error:  # a strategy twice, or strategies that contradict each other
         raise UsageError(str(error)) from None
+    return Plan(train, stream_name, stream_params, build_stream, model_name, build_model,
+                backbone, source, strategy)
 
-    stream = build_stream(StreamOptions(
+
+def build(config: RunConfig) -> Built:
+    """Resolve every name of `config`, check every value, load the stream and the model.
+
+    Nothing is written here.
+    """
+    from cl.models import build_seeded
+    from cl.sampling import cap_stream
+
+    checked = plan(config)
+    backbone, source = checked.backbone, checked.source
+    tokenizer = backbone.tokenizer(source) if backbone is not None else None
+    stream = checked.build_stream(StreamOptions(
         scenario=config.scenario, num_tasks=config.num_tasks,
         classes_per_task=config.classes_per_task, class_order=config.class_order,
-        seed=config.seed, data=config.data, params=tuple(stream_params.items()),
+        seed=config.seed, data=config.data, params=tuple(checked.stream_params.items()),
         train_per_task=config.train_per_task, test_per_task=config.test_per_task,
         tokenizer=tokenizer))
     stream = cap_stream(stream, config.train_per_task, config.test_per_task, config.seed)
@@ -178,20 +213,21 @@ def build(config: RunConfig) -> Built:
     hidden = config.hidden
     if backbone is not None:
         if not text_inputs:
-            raise UsageError(f"model {config.model!r} reads text, but stream {stream_name!r} "
-                             "holds arrays; use a text stream (text-cl, text)")
+            raise UsageError(f"model {config.model!r} reads text, but stream "
+                             f"{checked.stream_name!r} holds arrays; use a text stream "
+                             "(text-cl, text)")
         model = backbone.model(source, stream.num_classes, config.seed, tokenizer.pad_token_id)
     else:
         if text_inputs:
-            raise UsageError(f"stream {stream_name!r} holds text: use --model minilm or "
-                             f"--model hf:<name-or-path>, not {config.model!r}")
+            raise UsageError(f"stream {checked.stream_name!r} holds text: use --model minilm "
+                             f"or --model hf:<name-or-path>, not {config.model!r}")
         if hidden is None:
-            hidden = tuple(inspect.signature(build_model).parameters["hidden"].default)
-        model = build_seeded(build_model, stream.input_shape, stream.num_classes, hidden,
-                             config.init, config.seed)
+            hidden = tuple(inspect.signature(checked.build_model).parameters["hidden"].default)
+        model = build_seeded(checked.build_model, stream.input_shape, stream.num_classes,
+                             hidden, config.init, config.seed)
     resolved = dataclasses.replace(config, hidden=hidden, scenario=stream.scenario,
-                                   tasks=format_spec(stream_name, stream_params))
-    return Built(resolved, stream, model, strategy, train)
+                                   tasks=format_spec(checked.stream_name, checked.stream_params))
+    return Built(resolved, stream, model, checked.strategy, checked.train)
 
 
 def check_device(device: str) -> None:
@@ -296,18 +332,21 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
 
 
 def execute(config: RunConfig, out: str | Path | None = None, listener=None,
-            built: Built | None = None, resume: bool = False,
-            checkpoint: bool = True) -> tuple[Path, dict[str, Any]]:
+            built: Built | None = None, resume: bool = False, checkpoint: bool = True,
+            logs: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Build, train and store one run; return its directory and its metrics.
 
     Every input is checked before the directory is made; `metrics.json` is written last, so a
     run that fails (bad data, a NaN loss, a full disk) never leaves a directory that looks done.
     After each task `checkpoint/` holds what `resume=True` needs to continue in `out` after the
     last finished task (from the start when there is none yet).
+    `logs` names the optional training logs to write as the run goes ("csv", "tensorboard").
     """
     from cl import store
+    from cl.logs import Logs, chain_listeners, check_log_formats
     from cl.runner import run
 
+    logs = check_log_formats(logs)
     built = built if built is not None else build(config)
     state = None
     if resume:
@@ -325,8 +364,13 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
     def save(run_state: dict) -> None:
         store.write_checkpoint(run_dir, run_state, built.strategy.artifacts())
 
-    result = run(built.model, built.stream, built.strategy, built.train, listener=listener,
-                 checkpoint=save if checkpoint else None, resume=state)
+    training_logs = Logs(logs, run_dir)
+    try:
+        result = run(built.model, built.stream, built.strategy, built.train,
+                     listener=chain_listeners(training_logs if logs else None, listener),
+                     checkpoint=save if checkpoint else None, resume=state)
+    finally:
+        training_logs.close()
     data = metrics_of(built, result)
     names = [task.name for task in built.stream.tasks]
     row_names = ["joint"] if built.config.joint else names

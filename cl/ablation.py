@@ -1,0 +1,445 @@
+"""Ablations: a spec of seeds x a grid of settings, expanded into named runs and executed.
+
+A spec file (TOML or JSON) holds `seeds`, a `[base]` table of `cl run` settings and a `[grid]`
+table of lists; every combination of the grid's values, over every seed, is one run. Each run
+gets a stable directory name under the ablation's directory, derived from its configuration and
+seed, so a second invocation finds the runs already done (they have `metrics.json`) and skips
+them, resumes interrupted ones from their last finished task, and leaves failed ones (they have
+`error.json`) alone unless asked to retry them.
+
+Every run goes through `run_job`, the same function whether it runs in a local worker process
+(one fresh process per run, so its peak memory is its own) or as a Ray task; either way the
+results land in the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl import store
+from cl.errors import ClError, UsageError, one_line
+from cl.experiment import CONFIG_KEYS, RunConfig, make_config, plan, read_data_file
+from cl.spec import parse_spec
+
+log = logging.getLogger(__name__)
+
+SPEC_KEYS = ("seeds", "base", "grid")
+ERROR = "error.json"  # a failed run's record: its error line and traceback
+MANIFEST = "ablation.json"  # the spec and the runs it expanded to, written by each invocation
+EXECUTORS = ("process", "ray")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An ablation: every grid combination (in the order of the grid's keys) x every seed."""
+
+    seeds: tuple[int, ...]
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of an ablation: its stable name, the configuration it belongs to, and where."""
+
+    name: str  # "<configuration>-seed<seed>", the run directory's name
+    configuration: str  # "<readable>-<hash>", shared by the seeds of one configuration
+    config: RunConfig
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one run: "done", "skipped" (done before), or "failed" (with its error)."""
+
+    job: Job
+    status: str
+    error: str | None = None
+
+
+def _normalize_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dashes read as underscores (like the CLI flags); keys checked against `cl run`'s."""
+    settings = {key.replace("-", "_"): value for key, value in table.items()}
+    for key in settings:
+        if key == "seed":
+            raise UsageError(f"{where} sets 'seed': list the seeds in the top-level "
+                             "'seeds' instead")
+        if key not in CONFIG_KEYS:
+            raise UsageError(f"unknown key {key!r} in {where} (known: {', '.join(CONFIG_KEYS)})")
+    return settings
+
+
+def _strategy_list(value: Any, where: str) -> list[str]:
+    """A strategy setting as a list of specs: one spec string, or a list of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise UsageError(f"{where}: a strategy value must be a spec string or a list of spec "
+                     f"strings, got {value!r}")
+
+
+def parse_spec_table(data: Any, source: str) -> Spec:
+    """A Spec from the parsed file, every key and type checked; nothing is built here."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{source} must hold a table with {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in {source} (known: {', '.join(SPEC_KEYS)};"
+                         " run settings go in [base] or [grid])")
+    seeds = data.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)):
+        raise UsageError(f"'seeds' in {source} must be a non-empty list of integers, "
+                         f"got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"'seeds' in {source} lists a seed twice: {seeds!r}")
+    base, grid = data.get("base", {}), data.get("grid", {})
+    for name, table in (("base", base), ("grid", grid)):
+        if not isinstance(table, dict):
+            raise UsageError(f"[{name}] in {source} must be a table, got {table!r}")
+    base = _normalize_keys(base, f"[base] of {source}")
+    grid = _normalize_keys(grid, f"[grid] of {source}")
+    if not grid:
+        raise UsageError(f"the grid of {source} is empty: give [grid] at least one setting "
+                         "with a list of values (e.g. lr = [0.01, 0.1])")
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise UsageError(f"[grid] {key} in {source} must be a list of values, got {values!r}")
+        if not values:
+            raise UsageError(f"[grid] {key} in {source} is an empty list: the grid would "
+                             "hold no configuration")
+        if key in base:
+            raise UsageError(f"{key!r} is set in both [base] and [grid] of {source}")
+    if "strategy" in base:
+        base["strategy"] = _strategy_list(base["strategy"], f"[base] of {source}")
+    if "strategy" in grid:
+        grid["strategy"] = [_strategy_list(value, f"[grid] strategy of {source}")
+                            for value in grid["strategy"]]
+    return Spec(tuple(seeds), base, grid)
+
+
+def read_spec(path: str | Path) -> Spec:
+    """The Spec of a TOML or JSON file."""
+    data = read_data_file(path, "ablation spec")
+    return parse_spec_table(data, f"ablation spec {path}")
+
+
+def _slug(key: str, value: Any) -> str:
+    """A grid value as a short, filesystem-safe piece of a name: lr0.01, replay-capacity100."""
+    if key == "strategy":
+        pieces = []
+        for spec in value:
+            name, params = parse_spec(spec)
+            pieces.append("-".join([name, *(f"{k}{v}" for k, v in params.items())]))
+        text = "+".join(pieces) or "naive"
+    else:
+        text = f"{key.replace('_', '-')}{value}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+
+
+def config_hash(config: RunConfig) -> str:
+    """8 hex digits that name a configuration: the settings that differ from the defaults.
+
+    The seed is left out (it tells runs of one configuration apart), and so are settings at
+    their default value, so that cl growing a new setting leaves the names of old runs alone.
+    """
+    defaults = RunConfig().to_dict()
+    changed = {key: value for key, value in config.to_dict().items()
+               if key != "seed" and value != defaults[key]}
+    text = json.dumps(changed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def expand(spec: Spec, out: str | Path) -> list[Job]:
+    """Every run of `spec`, configurations in grid order and seeds within; all checked.
+
+    Each configuration is type-checked and planned (names resolved, strategy parameters
+    checked) before any run starts, so a typo fails the whole ablation at once.
+    """
+    out = Path(out)
+    keys = list(spec.grid)
+    jobs, names = [], {}
+    for values in itertools.product(*(spec.grid[key] for key in keys)):
+        combination = dict(zip(keys, values, strict=True))
+        settings = {**spec.base, **combination}
+        where = "ablation configuration " + ", ".join(
+            f"{key}={value!r}" for key, value in combination.items())
+        try:
+            first = make_config({**settings, "seed": spec.seeds[0]}, source=where)
+            plan(first)
+        except UsageError as error:
+            raise UsageError(f"{where}: {error}") from None
+        readable = "_".join(_slug(key, value) for key, value in combination.items())[:80]
+        configuration = f"{readable}-{config_hash(first)}"
+        if configuration in names:
+            raise UsageError(f"{where} is the same run configuration as {names[configuration]}")
+        names[configuration] = where
+        for seed in spec.seeds:
+            name = f"{configuration}-seed{seed}"
+            config = dataclasses.replace(first, seed=seed)
+            jobs.append(Job(name, configuration, config, out / name))
+    return jobs
+
+
+def status_of(run_dir: Path) -> str:
+    """"done" (metrics.json), "failed" (error.json), "partial" (started), or "new"."""
+    if store.is_complete(run_dir):
+        return "done"
+    if (run_dir / ERROR).is_file():
+        return "failed"
+    if (run_dir / store.CONFIG).is_file():
+        return "partial"
+    return "new"
+
+
+def recorded_error(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / ERROR).read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {run_dir / ERROR}"
+
+
+def record_failure(run_dir: Path, name: str, error: str, details: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store.write_json(run_dir / ERROR, {"run": name, "error": error, "traceback": details,
+                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def set_threads(threads: int) -> None:
+    """Cap this process's torch threads (intra-op to `threads`, inter-op to 1)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+
+
+def run_job(job: Job, threads: int, logs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run one job to completion in this process; record a failure instead of raising it.
+
+    An unfinished directory (an interrupted run) continues from its last checkpoint; a fresh
+    one starts from the beginning. Returns {"status": "done"} or {"status": "failed",
+    "error": line}; a failure also leaves `error.json` in the run directory.
+    """
+    from cl.experiment import execute
+
+    set_threads(threads)
+    run_dir = Path(job.run_dir)
+    (run_dir / ERROR).unlink(missing_ok=True)
+    try:
+        execute(job.config, run_dir, resume=(run_dir / store.CONFIG).is_file(), logs=logs)
+    except Exception as error:  # every failure is recorded; KeyboardInterrupt is not one
+        message = str(error) if isinstance(error, ClError) else \
+            f"{type(error).__name__}: {one_line(error)}"
+        record_failure(run_dir, job.name, message, traceback.format_exc())
+        return {"status": "failed", "error": message}
+    return {"status": "done"}
+
+
+def _process_main(job: Job, threads: int, logs: tuple[str, ...]) -> None:
+    """A worker process: one run, then exit (so the next run's peak memory is its own)."""
+    # Before torch loads, so its thread pools start at the right size.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    try:
+        outcome = run_job(job, threads, logs)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: leave quietly
+        sys.exit(130)
+    sys.exit(0 if outcome["status"] == "done" else 1)
+
+
+def _death(exit_code: int | None) -> str:
+    if exit_code is not None and exit_code < 0:
+        number = -exit_code
+        name = signal.Signals(number).name if number in signal.valid_signals() else "?"
+        hint = " (out of memory?)" if number == signal.SIGKILL else ""
+        return f"the run's worker process was killed by signal {number} ({name}){hint}"
+    return f"the run's worker process exited with code {exit_code} without a result"
+
+
+def run_processes(jobs: Sequence[Job], workers: int, threads: int, logs: tuple[str, ...],
+                  on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]) -> None:
+    """Run `jobs` in up to `workers` fresh processes at a time, `threads` torch threads each.
+
+    Each run's result is read back from its directory. On an interrupt the running processes
+    are stopped and the interrupt goes on up; their runs stay unfinished, to resume later.
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")  # no forked torch state in the workers
+    pending, running = deque(jobs), {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.popleft()
+                process = context.Process(target=_process_main, args=(job, threads, logs),
+                                          name=f"cl-{job.name}")
+                process.start()
+                running[process.sentinel] = (process, job)
+                on_start(job)
+            for sentinel in wait(list(running)):
+                process, job = running.pop(sentinel)
+                process.join()
+                state = status_of(job.run_dir)
+                if state == "done":
+                    on_finish(Outcome(job, "done"))
+                elif state == "failed":
+                    on_finish(Outcome(job, "failed", recorded_error(job.run_dir)))
+                else:
+                    message = _death(process.exitcode)
+                    record_failure(job.run_dir, job.name, message)
+                    on_finish(Outcome(job, "failed", message))
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+        for process, _ in running.values():
+            process.join()
+
+
+def run_ray(jobs: Sequence[Job], threads: int, logs: tuple[str, ...], address: str | None,
+            local_cpus: int, gpus_per_run: float | None,
+            on_start: Callable[[Job], None], on_finish: Callable[[Outcome], None]) -> None:
+    """Run `jobs` as Ray tasks of `run_job`, each declaring `threads` CPUs (and its GPUs).
+
+    Without `address` a local Ray with `local_cpus` CPUs is started (and stopped after); with
+    one, the tasks go to that cluster, whose nodes must have cl installed and see `out` (a
+    shared filesystem), since each task writes its run directory itself.
+    """
+    try:
+        import ray
+        from ray.exceptions import RayError
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install -e '.[ray]'") from None
+
+    options = {"include_dashboard": False, "logging_level": logging.WARNING,
+               "log_to_driver": False}
+    if address is None:
+        ray.init(num_cpus=local_cpus, **options)
+    else:
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise UsageError(f"cannot reach the Ray cluster at {address!r}: "
+                             f"{one_line(error)}") from None
+    # A fresh worker process per run (max_calls=1): its peak memory is its own; no retries,
+    # since a failed run is recorded and retried only when asked.
+    remote_run = ray.remote(max_calls=1, max_retries=0)(run_job)
+    running = {}
+    try:
+        for job in jobs:
+            # A CUDA run claims a GPU unless told otherwise; Ray then sets CUDA_VISIBLE_DEVICES.
+            gpus = gpus_per_run if gpus_per_run is not None else \
+                float(job.config.device.startswith("cuda"))
+            remote = remote_run.options(num_cpus=threads, num_gpus=gpus, name=f"cl-{job.name}")
+            running[remote.remote(job, threads, logs)] = job
+            on_start(job)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            job = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayError as error:  # the worker died: no error.json from it
+                message = f"the run's Ray task failed: {one_line(error)}"
+                record_failure(job.run_dir, job.name, message)
+                on_finish(Outcome(job, "failed", message))
+                continue
+            on_finish(Outcome(job, result["status"], result.get("error")))
+    except BaseException:
+        for ref in running:  # an interrupt: stop what is still running
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        ray.shutdown()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS)
+        return os.cpu_count() or 1
+
+
+def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = "process",
+           workers: int | None = None, threads: int | None = None, retry_failed: bool = False,
+           logs: tuple[str, ...] = (), ray_address: str | None = None,
+           gpus_per_run: float | None = None,
+           on_plan: Callable[[list[Outcome], list[Job]], None] = lambda before, to_run: None,
+           on_start: Callable[[Job], None] = lambda job: None,
+           on_finish: Callable[[Outcome], None] = lambda outcome: None) -> list[Outcome]:
+    """Run the jobs not done yet; return an outcome for every job, in the jobs' order.
+
+    Done runs are skipped; failed runs are reported as failed again, or rerun when
+    `retry_failed`; unfinished ones continue from their checkpoint. `workers` defaults to
+    the core count and `threads` (torch threads per run) to cores // workers.
+    `on_plan` hears the outcomes known before anything runs and the jobs about to run;
+    `on_start` and `on_finish` hear each run as it starts and ends.
+    """
+    from cl.logs import check_log_formats
+
+    if executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    if gpus_per_run is not None and gpus_per_run < 0:
+        raise UsageError(f"--gpus-per-run must not be negative, got {gpus_per_run}")
+    if ray_address is not None and executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    logs = check_log_formats(logs)
+    cores = available_cores()
+    workers = workers or cores
+    threads = threads or max(1, cores // workers)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_json(out / MANIFEST, {
+        "seeds": list(spec.seeds), "base": spec.base, "grid": spec.grid,
+        "runs": [{"name": job.name, "configuration": job.configuration,
+                  "seed": job.config.seed} for job in jobs]})
+
+    outcomes: dict[str, Outcome] = {}
+    to_run = []
+    for job in jobs:
+        state = status_of(job.run_dir)
+        if state == "done":
+            outcomes[job.name] = Outcome(job, "skipped")
+        elif state == "failed" and not retry_failed:
+            outcomes[job.name] = Outcome(job, "failed", recorded_error(job.run_dir))
+        else:
+            to_run.append(job)
+    log.info("%d runs: %d done before, %d failed before, %d to run (%d workers x %d threads)",
+             len(jobs), sum(o.status == "skipped" for o in outcomes.values()),
+             sum(o.status == "failed" for o in outcomes.values()), len(to_run), workers, threads)
+
+    on_plan(list(outcomes.values()), to_run)
+
+    def finish(outcome: Outcome) -> None:
+        outcomes[outcome.job.name] = outcome
+        on_finish(outcome)
+
+    if to_run:
+        if executor == "process":
+            run_processes(to_run, min(workers, len(to_run)), threads, logs, on_start, finish)
+        else:
+            run_ray(to_run, threads, logs, ray_address, workers * threads, gpus_per_run,
+                    on_start, finish)
+    return [outcomes[job.name] for job in jobs]

@@ -1,0 +1,605 @@
+"""Reports over many runs: group by configuration across seeds, summarize, compare, plot.
+
+`find_runs` reads run directories (finished ones have `metrics.json`); `group_runs` puts the
+runs of one configuration (the same `config.json` but for the seed) together; `summarize`
+gives each metric's mean, standard deviation and 95% confidence interval (Student's t, since
+a handful of seeds is the usual case); `paired` compares two configurations seed by seed.
+The figures are drawn with matplotlib's object API (no pyplot state) and `write_report`
+writes the markdown, CSV, PNG and optional self-contained HTML files.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cl.errors import DataError, UsageError, one_line
+
+# (key, column title, is an accuracy in [0, 1] shown in percent)
+METRICS = (
+    ("acc", "ACC", True),
+    ("bwt", "BWT", True),
+    ("fwt", "FWT", True),
+    ("forgetting", "Forgetting", True),
+    ("learning_accuracy", "LA", True),
+    ("min_acc", "min-ACC", True),
+    ("time_seconds", "time (s)", False),
+    ("peak_rss_mb", "peak MiB", False),
+)
+COMPARED = ("acc", "bwt", "forgetting")  # the metrics of the paired comparisons
+SEED_SUFFIX = re.compile(r"^(?P<configuration>.+)-seed-?\d+$")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    def value(self, key: str) -> float:
+        """A metric of this run as a float (NaN where it is undefined, e.g. BWT of a joint run)."""
+        if key == "time_seconds":
+            return float(self.metrics["train_seconds"] + self.metrics["eval_seconds"])
+        value = self.metrics.get(key)
+        return math.nan if value is None else float(value)
+
+
+@dataclass
+class Group:
+    """The runs of one configuration, one per seed."""
+
+    name: str  # short id: the ablation's configuration name, or "config-<hash>"
+    label: str  # the settings that set it apart from the other groups
+    config: dict[str, Any]  # its config.json without the seed
+    runs: list[Run] = field(default_factory=list)
+
+    def values(self, key: str) -> np.ndarray:
+        return np.array([run.value(key) for run in self.runs], dtype=float)
+
+    def by_seed(self, key: str) -> dict[int, float]:
+        return {run.seed: run.value(key) for run in self.runs}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation and 95% t-interval of n values (NaNs dropped)."""
+
+    n: int
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2
+
+
+@dataclass(frozen=True)
+class Paired:
+    """B minus A on the seeds both ran: mean difference, its 95% CI, and the t-test p-value."""
+
+    a: str
+    b: str
+    metric: str
+    seeds: tuple[int, ...]
+    diff: Stat
+    p_value: float
+
+
+def describe(values: Sequence[float], confidence: float = 0.95) -> Stat:
+    """The Stat of `values`; std and the interval are NaN below two values."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    n = int(values.size)
+    if n == 0:
+        return Stat(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(values.mean())
+    if n == 1:
+        return Stat(1, mean, math.nan, math.nan, math.nan)
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return Stat(n, mean, std, mean - half, mean + half)
+
+
+def paired(a: Group, b: Group, metric: str) -> Paired:
+    """Compare `b` to `a` seed by seed: a paired difference removes the between-seed spread."""
+    from scipy import stats
+
+    first, second = a.by_seed(metric), b.by_seed(metric)
+    seeds = tuple(sorted(seed for seed in set(first) & set(second)
+                         if not (math.isnan(first[seed]) or math.isnan(second[seed]))))
+    differences = [second[seed] - first[seed] for seed in seeds]
+    p_value = math.nan
+    if len(seeds) >= 2 and np.std(differences) > 0:
+        p_value = float(stats.ttest_1samp(differences, 0.0).pvalue)
+    return Paired(a.name, b.name, metric, seeds, describe(differences), p_value)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path}: {one_line(error)}") from None
+
+
+@dataclass
+class Found:
+    """The run directories under the report's directories, finished ones in ablation order."""
+
+    runs: list[Run]
+    unfinished: list[Path]
+    failed: list[tuple[Path, str]]
+
+
+def _manifest_order(directory: Path) -> dict[str, int]:
+    """Run name -> position in the ablation's `ablation.json`, when there is one."""
+    path = directory / "ablation.json"
+    if not path.is_file():
+        return {}
+    runs = _read_json(path).get("runs", [])
+    return {run["name"]: index for index, run in enumerate(runs)}
+
+
+def find_runs(directories: Sequence[str | Path]) -> Found:
+    """Every run directory at or under `directories` (a directory with `config.json`).
+
+    Runs come in the order of the directories given, and within an ablation's directory in
+    the order of its grid (so configurations appear as the spec lists them), else by path.
+    """
+    found = Found([], [], [])
+    seen = set()
+    for directory in directories:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UsageError(f"{directory} is not a directory")
+        order = _manifest_order(directory)
+        paths = sorted(directory.rglob("config.json"),
+                       key=lambda path: (order.get(path.parent.name, len(order)), str(path)))
+        for config_path in paths:
+            run_dir = config_path.parent
+            if run_dir.resolve() in seen:
+                continue
+            seen.add(run_dir.resolve())
+            if (run_dir / "metrics.json").is_file():
+                found.runs.append(Run(run_dir, _read_json(config_path),
+                                      _read_json(run_dir / "metrics.json")))
+            elif (run_dir / "error.json").is_file():
+                error = _read_json(run_dir / "error.json")
+                found.failed.append((run_dir, error.get("error", "?")))
+            else:
+                found.unfinished.append(run_dir)
+    return found
+
+
+def _config_name(runs: list[Run], config: dict[str, Any]) -> str:
+    """The configuration part of the run directories' names, or a hash of the config."""
+    matches = [SEED_SUFFIX.match(run.path.name) for run in runs]
+    names = {match["configuration"] for match in matches if match}
+    if len(names) == 1 and all(matches):
+        return names.pop()
+    text = json.dumps(config, sort_keys=True)
+    return "config-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _format_setting(key: str, value: Any) -> str:
+    if key == "strategy":
+        return " + ".join(value) or "naive"
+    return f"{key}={value}"
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs grouped by configuration (config.json minus the seed), in first-seen order."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        config = {key: value for key, value in run.config.items() if key != "seed"}
+        key = json.dumps(config, sort_keys=True)
+        if key not in groups:
+            groups[key] = Group("", "", config)
+        groups[key].runs.append(run)
+    result = list(groups.values())
+    # A label names what differs between the groups (always the strategy when it is one).
+    keys = sorted({key for group in result for key in group.config})
+    differing = [key for key in keys
+                 if len({json.dumps(group.config.get(key)) for group in result}) > 1]
+    if "strategy" in differing:
+        differing = ["strategy"] + [key for key in differing if key != "strategy"]
+    for group in result:
+        group.runs.sort(key=lambda run: run.seed)
+        group.name = _config_name(group.runs, group.config)
+        shown = differing or ["strategy"]
+        group.label = ", ".join(_format_setting(key, group.config.get(key)) for key in shown)
+    names = [group.name for group in result]
+    for group in result:
+        if names.count(group.name) > 1:  # e.g. one name reused with changed settings
+            text = json.dumps(group.config, sort_keys=True)
+            group.name += "-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return result
+
+
+def summarize(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per group: name, label, seeds, and each metric's Stat (accuracies in percent)."""
+    rows = []
+    for group in groups:
+        row: dict[str, Any] = {"name": group.name, "label": group.label,
+                               "seeds": [run.seed for run in group.runs]}
+        for key, _, percent in METRICS:
+            values = group.values(key) * (100 if percent else 1)
+            row[key] = describe(values)
+        rows.append(row)
+    return rows
+
+
+def select_group(groups: Sequence[Group], query: str) -> Group:
+    """The group named or labelled `query`, else the only one whose name starts with it,
+    else the only one whose name or label contains it."""
+    for matches in ([g for g in groups if query in (g.name, g.label)],
+                    [g for g in groups if g.name.startswith(query)],
+                    [g for g in groups if query in g.name or query in g.label]):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UsageError(f"{query!r} matches {len(matches)} configurations: "
+                             f"{', '.join(group.name for group in matches)}; give more of a name")
+    raise UsageError(f"no configuration matches {query!r} (known: "
+                     f"{', '.join(group.name for group in groups)})")
+
+
+def comparisons(groups: Sequence[Group], pairs: Sequence[tuple[str, str]] | None = None,
+                limit: int = 8) -> list[Paired]:
+    """Paired comparisons: the pairs asked for, else every pair when there are few groups."""
+    if pairs:
+        chosen = [(select_group(groups, a), select_group(groups, b)) for a, b in pairs]
+    elif len(groups) <= limit:
+        chosen = [(groups[i], groups[j]) for i in range(len(groups))
+                  for j in range(i + 1, len(groups))]
+    else:
+        chosen = []
+    return [paired(a, b, metric) for a, b in chosen for metric in COMPARED]
+
+
+# Figures -------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _mean_matrix(group: Group) -> np.ndarray:
+    return np.mean([np.asarray(run.metrics["accuracy_matrix"], dtype=float)
+                    for run in group.runs], axis=0)
+
+
+def _seeds_note(group: Group) -> str:
+    count = len(group.runs)
+    return "1 seed" if count == 1 else f"mean of {count} seeds"
+
+
+def plot_matrix(group: Group):
+    """The accuracy matrix R as a heatmap: row i after training task i, column j task j."""
+    matrix = 100 * _mean_matrix(group)
+    names = group.runs[0].metrics["task_names"]
+    rows = ["joint"] if group.runs[0].metrics.get("joint") else names
+    figure = _figure(1.2 + 0.75 * len(names), 1.0 + 0.6 * len(rows))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(matrix):
+        axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                  color="white" if value < 60 else "black")
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(rows)), rows, fontsize=8)
+    axes.set_xlabel("task evaluated")
+    axes.set_ylabel("after training on")
+    axes.set_title(f"{group.label}\naccuracy (%), {_seeds_note(group)}", fontsize=9)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    return figure
+
+
+def plot_tasks(group: Group):
+    """Each task's accuracy after each training task: the forgetting picture."""
+    matrices = 100 * np.array([run.metrics["accuracy_matrix"] for run in group.runs], dtype=float)
+    mean, spread = matrices.mean(axis=0), matrices.std(axis=0)
+    names = group.runs[0].metrics["task_names"]
+    figure = _figure(6.0, 3.6)
+    axes = figure.subplots()
+    after = np.arange(mean.shape[0])
+    for task, name in enumerate(names):
+        shown = after >= task  # from the moment the task is trained
+        axes.plot(after[shown], mean[shown, task], marker="o", label=name)
+        axes.fill_between(after[shown], (mean - spread)[shown, task],
+                          (mean + spread)[shown, task], alpha=0.15)
+    axes.set_xticks(after, [f"after {name}" for name in names][:len(after)], rotation=30,
+                    ha="right", fontsize=8)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"{group.label}\naccuracy of each task over the stream "
+                   f"({_seeds_note(group)}, band: ±1 std)", fontsize=9)
+    axes.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def _curve(run: Run) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    curve = run.metrics["curve"]
+    accuracy = np.array([[math.nan if value is None else value for value in row]
+                         for row in curve["accuracy"]], dtype=float)
+    return np.asarray(curve["steps"]), 100 * accuracy, list(curve["task_end_steps"])
+
+
+def plot_curve(group: Group):
+    """The continual-evaluation curve: each task's accuracy at every evaluation, task ends
+    marked; the dips right after a boundary are the stability gap."""
+    steps, accuracy, ends = _curve(group.runs[0])
+    curves = [_curve(run) for run in group.runs]
+    same_steps = all(np.array_equal(other[0], steps) for other in curves)
+    if same_steps:  # the seeds evaluated the same tasks at the same steps: average them
+        accuracy = np.mean(np.stack([other[1] for other in curves]), axis=0)
+    names = group.runs[0].metrics["task_names"]
+    figure = _figure(6.5, 3.6)
+    axes = figure.subplots()
+    for task, name in enumerate(names):
+        # A task is drawn from its own training on: before it, it is only the zeros of a
+        # class-incremental head that has not met its classes.
+        shown = steps > ends[task - 1] if 0 < task <= len(ends) else np.ones_like(steps, bool)
+        axes.plot(steps[shown], accuracy[shown, task], marker="." if len(steps) < 60 else None,
+                  linewidth=1.2, label=name)
+    for end in ends[:-1]:
+        axes.axvline(end, color="grey", linestyle="--", linewidth=0.8)
+    axes.set_xlabel("training step (dashed: end of a task)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    note = _seeds_note(group) if same_steps else "seed " + str(group.runs[0].seed)
+    axes.set_title(f"{group.label}\ncontinual evaluation ({note})", fontsize=9)
+    axes.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def plot_bars(groups: Sequence[Group], rows: Sequence[dict[str, Any]]):
+    """ACC and forgetting of every configuration, with 95% confidence intervals."""
+    shown = [("acc", "ACC (%)"), ("forgetting", "forgetting (%)")]
+    height = 1.0 + 0.45 * len(groups)
+    figure = _figure(9.0, max(2.4, height))
+    panels = figure.subplots(1, len(shown), sharey=True)
+    positions = np.arange(len(groups))
+    for axes, (key, title) in zip(panels, shown, strict=True):
+        means = [row[key].mean for row in rows]
+        errors = [0 if math.isnan(row[key].half_width) else row[key].half_width for row in rows]
+        axes.barh(positions, means, xerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+        for position, mean in zip(positions, means, strict=True):
+            if not math.isnan(mean):
+                axes.text(mean, position, f" {mean:.1f}", va="bottom", fontsize=7)
+        axes.set_xlabel(title + ", 95% CI")
+        axes.grid(axis="x", alpha=0.3)
+    panels[0].set_yticks(positions, [group.label for group in groups], fontsize=8)
+    panels[0].invert_yaxis()
+    seeds = sorted({len(group.runs) for group in groups})
+    figure.suptitle(f"configurations over {'/'.join(map(str, seeds))} seeds", fontsize=9)
+    return figure
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# Tables --------------------------------------------------------------------------------
+
+
+def _cell(stat: Stat, decimals: int = 2) -> str:
+    if stat.n == 0:
+        return "-"
+    if math.isnan(stat.half_width):
+        return f"{stat.mean:.{decimals}f}"
+    return f"{stat.mean:.{decimals}f} ± {stat.half_width:.{decimals}f}"
+
+
+def _decimals(key: str) -> int:
+    return 0 if key == "peak_rss_mb" else 2 if key != "time_seconds" else 1
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The summary as header and string cells: mean ± 95% CI half-width."""
+    header = ["configuration", "seeds", *(title for _, title, _ in METRICS)]
+    cells = [[row["label"], str(len(row["seeds"])),
+              *(_cell(row[key], _decimals(key)) for key, _, _ in METRICS)] for row in rows]
+    return header, cells
+
+
+def paired_table(results: Sequence[Paired], groups: Sequence[Group]
+                 ) -> tuple[list[str], list[list[str]]]:
+    """One row per compared pair: B minus A of each compared metric, its 95% CI and p."""
+    labels = {group.name: group.label for group in groups}
+    titles = {key: title for key, title, _ in METRICS}
+    header = ["B", "minus A", "seeds", *(f"Δ{titles[key]} [95% CI], p" for key in COMPARED)]
+    rows: dict[tuple[str, str], list[str]] = {}
+    for result in results:
+        row = rows.setdefault((result.a, result.b), [labels[result.b], labels[result.a],
+                                                     str(result.diff.n)])
+        diff = result.diff
+        if diff.n == 0:
+            row.append("-")
+            continue
+        text = f"{100 * diff.mean:+.2f}"
+        if not math.isnan(diff.ci_low):
+            text += f" [{100 * diff.ci_low:+.2f}, {100 * diff.ci_high:+.2f}]"
+        if not math.isnan(result.p_value):
+            text += f", p={result.p_value:.3f}"
+        row.append(text)
+    return header, list(rows.values())
+
+
+def _markdown_table(header: list[str], cells: list[list[str]]) -> str:
+    def line(items):
+        return "| " + " | ".join(item.replace("|", "\\|") for item in items) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, cells)])
+
+
+def _html_table(header: list[str], cells: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(item)}</th>" for item in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(item)}</td>" for item in row) + "</tr>"
+                   for row in cells)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# Writing -------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    groups: list[Group]
+    rows: list[dict[str, Any]]
+    comparisons: list[Paired]
+    found: Found
+    files: list[Path] = field(default_factory=list)
+
+
+def build_report(directories: Sequence[str | Path],
+                 pairs: Sequence[tuple[str, str]] | None = None) -> Report:
+    """Read, group, summarize and compare the runs under `directories`."""
+    found = find_runs(directories)
+    if not found.runs:
+        where = ", ".join(str(directory) for directory in directories)
+        raise UsageError(f"no finished runs (directories with metrics.json) under {where}")
+    groups = group_runs(found.runs)
+    return Report(groups, summarize(groups), comparisons(groups, pairs), found)
+
+
+def _csv_text(report: Report) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = [f"{key}_{part}" for key, _, _ in METRICS
+               for part in ("mean", "std", "ci_low", "ci_high")]
+    writer.writerow(["configuration", "label", "seeds", "n", *columns])
+    for row in report.rows:
+        values = []
+        for key, _, _ in METRICS:
+            stat = row[key]
+            values += ["" if math.isnan(x) else repr(x)
+                       for x in (stat.mean, stat.std, stat.ci_low, stat.ci_high)]
+        writer.writerow([row["name"], row["label"], " ".join(map(str, row["seeds"])),
+                         len(row["seeds"]), *values])
+    return buffer.getvalue()
+
+
+def _json_data(report: Report) -> dict[str, Any]:
+    """The summary and comparisons as plain data (accuracies in percent, NaN as null)."""
+
+    def stat(value: Stat) -> dict[str, float | int]:
+        return {"n": value.n, "mean": value.mean, "std": value.std,
+                "ci_low": value.ci_low, "ci_high": value.ci_high}
+
+    configurations = [{"name": row["name"], "label": row["label"], "seeds": row["seeds"],
+                       "runs": [str(run.path) for run in group.runs],
+                       **{key: stat(row[key]) for key, _, _ in METRICS}}
+                      for row, group in zip(report.rows, report.groups, strict=True)]
+    comparisons = [{"a": result.a, "b": result.b, "metric": result.metric,
+                    "seeds": list(result.seeds), "p_value": result.p_value,
+                    "difference": stat(Stat(result.diff.n, *(100 * x for x in (
+                        result.diff.mean, result.diff.std, result.diff.ci_low,
+                        result.diff.ci_high))))}
+                   for result in report.comparisons]
+    found = report.found
+    return {"configurations": configurations, "comparisons": comparisons,
+            "unfinished": [str(path) for path in found.unfinished],
+            "failed": [{"run": str(path), "error": error} for path, error in found.failed]}
+
+
+def write_report(report: Report, out: str | Path, html_page: bool = False) -> list[Path]:
+    """Write report.md, report.csv, report.json, figures/*.png (and report.html); return the
+    paths.
+
+    Every file goes through a temporary file and a rename: an interrupted report never
+    leaves a file that looks whole.
+    """
+    from cl.store import atomic_write, atomic_write_bytes, write_json
+
+    out = Path(out)
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
+    figures.append(("configurations.png", "ACC and forgetting per configuration (95% CI)",
+                    _png(plot_bars(report.groups, report.rows))))
+    for group in report.groups:
+        figures.append((f"{group.name}-matrix.png", f"{group.label}: accuracy matrix",
+                        _png(plot_matrix(group))))
+        if not group.runs[0].metrics.get("joint"):
+            figures.append((f"{group.name}-tasks.png", f"{group.label}: accuracy per task",
+                            _png(plot_tasks(group))))
+            figures.append((f"{group.name}-curve.png", f"{group.label}: continual evaluation",
+                            _png(plot_curve(group))))
+    written = []
+    for name, _, png in figures:
+        atomic_write_bytes(figures_dir / name, png)
+        written.append(figures_dir / name)
+
+    summary = summary_table(report.rows)
+    pairs = paired_table(report.comparisons, report.groups)
+    found = report.found
+    notes = [f"{len(found.runs)} finished runs in {len(report.groups)} configurations."]
+    if found.unfinished:
+        notes.append(f"{len(found.unfinished)} unfinished runs left out: "
+                     + ", ".join(path.name for path in found.unfinished) + ".")
+    if found.failed:
+        notes.append(f"{len(found.failed)} failed runs left out: "
+                     + "; ".join(f"{path.name} ({error})" for path, error in found.failed) + ".")
+    explanation = ("Cells are the mean ± the half-width of the 95% confidence interval "
+                   "(Student's t over seeds); accuracies in %, time is train + eval seconds, "
+                   "peak memory is the run process's resident set.")
+    names = "\n".join(f"- `{group.name}`: {group.label} (seeds "
+                      f"{', '.join(str(run.seed) for run in group.runs)})"
+                      for group in report.groups)
+    markdown = ["# Report", "", " ".join(notes), "", explanation, "",
+                _markdown_table(*summary), "", "Configurations:", "", names, ""]
+    if report.comparisons:
+        markdown += ["## Paired comparisons", "",
+                     "B minus A on the seeds both ran (percentage points); p from a paired "
+                     "t-test.", "", _markdown_table(*pairs), ""]
+    markdown += ["## Figures", ""]
+    markdown += [f"![{caption}](figures/{name})\n" for name, caption, _ in figures]
+    atomic_write(out / "report.md", "\n".join(markdown))
+    atomic_write(out / "report.csv", _csv_text(report))
+    write_json(out / "report.json", _json_data(report))
+    written += [out / "report.md", out / "report.csv", out / "report.json"]
+
+    if html_page:
+        images = "".join(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode("ascii")}"><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>" for _, caption, png in figures)
+        comparison = ("<h2>Paired comparisons</h2><p>B minus A on the seeds both ran "
+                      "(percentage points); p from a paired t-test.</p>" + _html_table(*pairs)
+                      if report.comparisons else "")
+        page = (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cl report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+            "figure{margin:1.5em 0}</style></head><body><h1>Report</h1>"
+            f"<p>{html.escape(' '.join(notes))}</p><p>{html.escape(explanation)}</p>"
+            f"{_html_table(*summary)}{comparison}<h2>Figures</h2>{images}</body></html>\n")
+        atomic_write(out / "report.html", page)
+        written.append(out / "report.html")
+    report.files = written
+    return written

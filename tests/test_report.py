@@ -1,0 +1,190 @@
+"""`cl report`: grouping over seeds, confidence intervals, paired comparisons, files, figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cli import cl
+
+from cl.experiment import execute, make_config
+from cl.report import (
+    build_report,
+    describe,
+    find_runs,
+    group_runs,
+    paired,
+    plot_bars,
+    plot_curve,
+    plot_matrix,
+    plot_tasks,
+    select_group,
+)
+
+TINY = {"tasks": "split-digits", "epochs": 1, "hidden": [16], "train_per_task": 40,
+        "test_per_task": 20, "eval_every": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 configurations x 3 seeds of real tiny runs, plus one unfinished and one failed run."""
+    root = tmp_path_factory.mktemp("runs")
+    for strategy, name in (([], "naive-00000000"), (["ema:decay=0.9"], "ema-decay0.9-11111111")):
+        for seed in (0, 1, 2):
+            execute(make_config({**TINY, "strategy": strategy, "seed": seed}),
+                    root / f"{name}-seed{seed}", checkpoint=False)
+    unfinished = root / "naive-00000000-seed3"
+    shutil.copytree(root / "naive-00000000-seed0", unfinished)
+    (unfinished / "metrics.json").unlink()
+    failed = root / "other" / "broken-seed0"
+    failed.mkdir(parents=True)
+    (failed / "config.json").write_text("{}")
+    (failed / "error.json").write_text(json.dumps({"error": "loss is nan"}))
+    return root
+
+
+def test_runs_are_grouped_by_configuration_across_seeds(runs):
+    found = find_runs([runs])
+    assert len(found.runs) == 6
+    assert [path.name for path in found.unfinished] == ["naive-00000000-seed3"]
+    assert [(path.name, error) for path, error in found.failed] == [("broken-seed0",
+                                                                     "loss is nan")]
+    groups = group_runs(found.runs)
+    assert sorted(group.name for group in groups) == ["ema-decay0.9-11111111", "naive-00000000"]
+    assert sorted(group.label for group in groups) == ["ema:decay=0.9", "naive"]
+    for group in groups:
+        assert [run.seed for run in group.runs] == [0, 1, 2]
+        accs = [json.loads((run.path / "metrics.json").read_text())["acc"] for run in group.runs]
+        assert np.array_equal(group.values("acc"), accs)
+    assert select_group(groups, "naive").name == "naive-00000000"
+    assert select_group(groups, "ema").label == "ema:decay=0.9"
+    with pytest.raises(Exception, match="no configuration matches"):
+        select_group(groups, "lora")
+
+
+def test_the_summary_and_paired_comparison_follow_from_the_runs(runs):
+    report = build_report([runs], [("naive", "ema")])
+    naive, ema = (next(g for g in report.groups if g.label == label)
+                  for label in ("naive", "ema:decay=0.9"))
+    row = next(row for row in report.rows if row["label"] == "naive")
+    assert row["acc"].n == 3
+    assert row["acc"].mean == pytest.approx(100 * naive.values("acc").mean())
+    assert row["acc"].std == pytest.approx(100 * naive.values("acc").std(ddof=1))
+    assert row["time_seconds"].mean == pytest.approx(np.mean(
+        [r.metrics["train_seconds"] + r.metrics["eval_seconds"] for r in naive.runs]))
+    acc = next(c for c in report.comparisons if c.metric == "acc")
+    assert (acc.a, acc.b, acc.seeds) == (naive.name, ema.name, (0, 1, 2))
+    differences = ema.values("acc") - naive.values("acc")
+    assert acc.diff.mean == pytest.approx(differences.mean())
+    assert acc.diff.ci_low <= acc.diff.mean <= acc.diff.ci_high
+    # Swapping the two negates the difference and mirrors the interval.
+    swapped = paired(ema, naive, "acc")
+    assert swapped.diff.mean == pytest.approx(-acc.diff.mean)
+    assert swapped.diff.ci_low == pytest.approx(-acc.diff.ci_high)
+
+
+def test_report_files_tables_and_a_self_contained_page(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cl("report", runs, "--out", out, "--html") == 0
+    printed = capsys.readouterr().out
+    assert "ACC" in printed and "naive" in printed and "ema:decay=0.9" in printed
+    assert "1 unfinished and 1 failed" in printed
+    figures = sorted(path.name for path in (out / "figures").iterdir())
+    assert figures == sorted(["configurations.png"] + [
+        f"{name}-{kind}.png" for name in ("naive-00000000", "ema-decay0.9-11111111")
+        for kind in ("matrix", "tasks", "curve")])
+    for name in figures:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [row["label"] for row in rows] == ["ema:decay=0.9", "naive"] or \
+        [row["label"] for row in rows] == ["naive", "ema:decay=0.9"]
+    groups = {g.label: g for g in group_runs(find_runs([runs]).runs)}
+    for row in rows:
+        values = 100 * groups[row["label"]].values("acc")
+        assert float(row["acc_mean"]) == pytest.approx(values.mean())
+        assert float(row["acc_std"]) == pytest.approx(values.std(ddof=1))
+        assert row["n"] == "3" and row["seeds"] == "0 1 2"
+    data = json.loads((out / "report.json").read_text())
+    assert [c["label"] for c in data["configurations"]] == [row["label"] for row in rows]
+    assert data["configurations"][0]["acc"]["mean"] == pytest.approx(float(rows[0]["acc_mean"]))
+    assert {c["metric"] for c in data["comparisons"]} == {"acc", "bwt", "forgetting"}
+    assert data["failed"][0]["error"] == "loss is nan" and len(data["unfinished"]) == 1
+    markdown = (out / "report.md").read_text()
+    assert "| naive | 3 |" in markdown and "## Paired comparisons" in markdown
+    assert "broken-seed0 (loss is nan)" in markdown and "naive-00000000-seed3" in markdown
+    assert all(f"(figures/{name})" in markdown for name in figures)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(figures)
+    assert "src=\"http" not in page and "src=\"figures" not in page and "<table>" in page
+
+
+def test_figures_draw_the_numbers_of_the_runs(runs):
+    groups = group_runs(find_runs([runs]).runs)
+    group = groups[0]
+    mean_matrix = 100 * np.mean([r.metrics["accuracy_matrix"] for r in group.runs], axis=0)
+    image = plot_matrix(group).axes[0].images[0]
+    assert np.allclose(image.get_array(), mean_matrix)
+    lines = plot_tasks(group).axes[0].get_lines()
+    assert len(lines) == 5  # one per task, from the row where it is trained on
+    assert np.allclose(lines[0].get_ydata(), mean_matrix[:, 0])
+    assert np.allclose(lines[4].get_ydata(), mean_matrix[4:, 4])
+    curve = plot_curve(group).axes[0]
+    ends = group.runs[0].metrics["curve"]["task_end_steps"]
+    boundaries = [line.get_xdata()[0] for line in curve.get_lines() if
+                  line.get_linestyle() == "--"]
+    assert boundaries == ends[:-1]
+    steps = group.runs[0].metrics["curve"]["steps"]
+    assert list(curve.get_lines()[0].get_xdata()) == steps and len(steps) > len(ends)
+    report = build_report([runs])
+    bars = plot_bars(report.groups, report.rows).axes[0]
+    widths = [patch.get_width() for patch in bars.patches]
+    assert np.allclose(widths, [row["acc"].mean for row in report.rows])
+
+
+def test_report_rejects_what_it_cannot_read(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in (([empty], "no finished runs"),
+                          ([tmp_path / "missing"], "is not a directory"),
+                          ([runs, runs], "--out"),
+                          ([runs, "--out", tmp_path / "r", "--compare", "naive"], "A,B"),
+                          ([runs, "--out", tmp_path / "r", "--compare", "naive,lora"], "lora")):
+        assert cl("report", *args) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and message in error
+    broken = tmp_path / "broken" / "run-seed0"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    (broken / "metrics.json").write_text("{not json")
+    assert cl("report", broken.parent) != 0
+    assert "metrics.json" in capsys.readouterr().err
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=12))
+def test_the_interval_holds_the_mean_and_grows_with_the_spread(values):
+    stat = describe(values)
+    assert stat.n == len(values) and stat.mean == pytest.approx(np.mean(values))
+    assert stat.ci_low <= stat.mean + 1e-9 and stat.mean - 1e-9 <= stat.ci_high
+    wider = describe([stat.mean + 2 * (value - stat.mean) for value in values])
+    assert wider.half_width == pytest.approx(2 * stat.half_width, abs=1e-6)
+
+
+def test_the_95_percent_interval_covers_the_true_mean_95_percent_of_the_time():
+    # Three seeds is the usual ablation: a normal-quantile interval would cover only ~88%.
+    generator = np.random.default_rng(0)
+    covered = [describe(sample).ci_low <= 1.0 <= describe(sample).ci_high
+               for sample in generator.normal(1.0, 2.0, size=(4000, 3))]
+    assert 0.94 <= np.mean(covered) <= 0.96
+
+
+def test_one_value_has_a_mean_but_no_interval():
+    stat = describe([0.5])
+    assert stat.mean == 0.5 and math.isnan(stat.std) and math.isnan(stat.half_width)
+    assert describe([math.nan, math.nan]).n == 0
