@@ -253,7 +253,8 @@ def report_command(
 
     console = _console(wide=True)
     header, cells = summary_table(report.rows)
-    table = Table(title=f"{len(report.found.runs)} runs, mean ± 95% CI over seeds "
+    counted = sum(len(group.runs) for group in report.groups)
+    table = Table(title=f"{counted} runs, mean ± 95% CI over seeds "
                         "(accuracies in %)", title_justify="left")
     for index, title in enumerate(header):
         table.add_column(title, justify="left" if index == 0 else "right")
@@ -269,9 +270,10 @@ def report_command(
             table.add_row(*row)
         console.print(table)
     found = report.found
-    if found.unfinished or found.failed:
-        console.print(f"left out: {len(found.unfinished)} unfinished and {len(found.failed)} "
-                      "failed runs (listed in report.md)", soft_wrap=True)
+    duplicates = sum(len(group.duplicates) for group in report.groups)
+    if found.unfinished or found.failed or duplicates:
+        console.print(f"left out: {len(found.unfinished)} unfinished, {len(found.failed)} failed "
+                      f"and {duplicates} repeated runs (listed in report.md)", soft_wrap=True)
     console.print(f"wrote {len(files)} files to {out}: report.md, report.csv, report.json"
                   f"{', report.html' if html else ''}, figures/", soft_wrap=True)
 

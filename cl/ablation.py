@@ -181,7 +181,7 @@ def expand(spec: Spec, out: str | Path) -> list[Job]:
         where = "ablation configuration " + ", ".join(
             f"{key}={value!r}" for key, value in combination.items())
         try:
-            first = make_config({**settings, "seed": spec.seeds[0]}, source=where)
+            first = make_config({**settings, "seed": spec.seeds[0]}, source="[base]/[grid]")
             plan(first)
         except UsageError as error:
             raise UsageError(f"{where}: {error}") from None

@@ -134,7 +134,6 @@ class Plan:
     stream_name: str
     stream_params: dict[str, str]
     build_stream: Any
-    model_name: str
     build_model: Any
     backbone: Any  # a Backbone for pretrained text models, else None
     source: str | None  # the backbone's resolved name or path
@@ -187,7 +186,7 @@ def plan(config: RunConfig) -> Plan:
         strategy = Chain(*strategies)
     except ValueError as error:  # a strategy twice, or strategies that contradict each other
         raise UsageError(str(error)) from None
-    return Plan(train, stream_name, stream_params, build_stream, model_name, build_model,
+    return Plan(train, stream_name, stream_params, build_stream, build_model,
                 backbone, source, strategy)
 
 

@@ -68,6 +68,9 @@ class Group:
     label: str  # the settings that set it apart from the other groups
     config: dict[str, Any]  # its config.json without the seed
     runs: list[Run] = field(default_factory=list)
+    # Runs of a seed already in `runs` (the same ablation run twice, say): counting them would
+    # narrow the interval with copies, so they are listed instead.
+    duplicates: list[Run] = field(default_factory=list)
 
     def values(self, key: str) -> np.ndarray:
         return np.array([run.value(key) for run in self.runs], dtype=float)
@@ -214,7 +217,11 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         key = json.dumps(config, sort_keys=True)
         if key not in groups:
             groups[key] = Group("", "", config)
-        groups[key].runs.append(run)
+        group = groups[key]
+        if any(other.seed == run.seed for other in group.runs):
+            group.duplicates.append(run)
+        else:
+            group.runs.append(run)
     result = list(groups.values())
     # A label names what differs between the groups (always the strategy when it is one).
     keys = sorted({key for group in result for key in group.config})
@@ -521,6 +528,7 @@ def _json_data(report: Report) -> dict[str, Any]:
                    for result in report.comparisons]
     found = report.found
     return {"configurations": configurations, "comparisons": comparisons,
+            "duplicates": [str(run.path) for group in report.groups for run in group.duplicates],
             "unfinished": [str(path) for path in found.unfinished],
             "failed": [{"run": str(path), "error": error} for path, error in found.failed]}
 
@@ -557,6 +565,10 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
     pairs = paired_table(report.comparisons, report.groups)
     found = report.found
     notes = [f"{len(found.runs)} finished runs in {len(report.groups)} configurations."]
+    duplicates = [run for group in report.groups for run in group.duplicates]
+    if duplicates:
+        notes.append(f"{len(duplicates)} runs repeat a seed of their configuration and are "
+                     "left out: " + ", ".join(str(run.path) for run in duplicates) + ".")
     if found.unfinished:
         notes.append(f"{len(found.unfinished)} unfinished runs left out: "
                      + ", ".join(path.name for path in found.unfinished) + ".")

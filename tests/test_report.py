@@ -94,7 +94,7 @@ def test_report_files_tables_and_a_self_contained_page(runs, tmp_path, capsys):
     assert cl("report", runs, "--out", out, "--html") == 0
     printed = capsys.readouterr().out
     assert "ACC" in printed and "naive" in printed and "ema:decay=0.9" in printed
-    assert "1 unfinished and 1 failed" in printed
+    assert "1 unfinished, 1 failed and 0 repeated" in printed
     figures = sorted(path.name for path in (out / "figures").iterdir())
     assert figures == sorted(["configurations.png"] + [
         f"{name}-{kind}.png" for name in ("naive-00000000", "ema-decay0.9-11111111")
@@ -145,6 +145,19 @@ def test_figures_draw_the_numbers_of_the_runs(runs):
     bars = plot_bars(report.groups, report.rows).axes[0]
     widths = [patch.get_width() for patch in bars.patches]
     assert np.allclose(widths, [row["acc"].mean for row in report.rows])
+
+
+def test_a_seed_found_twice_counts_once(runs, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(runs / "naive-00000000-seed1", copy / "naive-00000000-seed1")
+    report = build_report([runs, copy])
+    naive = next(group for group in report.groups if group.label == "naive")
+    assert [run.seed for run in naive.runs] == [0, 1, 2]
+    assert [run.path for run in naive.duplicates] == [copy / "naive-00000000-seed1"]
+    assert next(row for row in report.rows if row["label"] == "naive")["acc"].n == 3
+    assert cl("report", runs, copy, "--out", tmp_path / "report") == 0
+    assert "1 repeated" in capsys.readouterr().out
+    assert "repeat a seed" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_report_rejects_what_it_cannot_read(runs, tmp_path, capsys):
