@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -332,9 +333,11 @@ def run_ray(jobs: Sequence[Job], threads: int, logs: tuple[str, ...], address: s
 
     options = {"include_dashboard": False, "logging_level": logging.WARNING,
                "log_to_driver": False}
-    if address is None:
+    # A caller that already runs Ray (a library user) keeps it: use it, and leave it running.
+    started = not ray.is_initialized()
+    if started and address is None:
         ray.init(num_cpus=local_cpus, **options)
-    else:
+    elif started:
         try:
             ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -368,7 +371,8 @@ def run_ray(jobs: Sequence[Job], threads: int, logs: tuple[str, ...], address: s
             ray.cancel(ref, force=True)
         raise
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def available_cores() -> int:
@@ -404,6 +408,8 @@ def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = 
         raise UsageError(f"--gpus-per-run must not be negative, got {gpus_per_run}")
     if ray_address is not None and executor != "ray":
         raise UsageError("--ray-address needs --executor ray")
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--executor ray needs Ray: pip install -e '.[ray]'")
     logs = check_log_formats(logs)
     cores = available_cores()
     workers = workers or cores
