@@ -168,7 +168,8 @@ def ablate_command(
     """Run every combination of a grid of settings over seeds, in parallel; resumable."""
     import signal
 
-    from cl.ablation import ablate, expand, read_spec, status_of
+    from cl.ablation import ablate, expand, read_spec
+    from cl.store import run_status
 
     parsed = read_spec(spec)
     out = out if out is not None else Path("runs") / spec.stem
@@ -176,7 +177,7 @@ def ablate_command(
     console = _console()
     if dry_run:
         for job in jobs:
-            console.print(f"{status_of(job.run_dir):8} {job.run_dir}", soft_wrap=True)
+            console.print(f"{run_status(job.run_dir):8} {job.run_dir}", soft_wrap=True)
         console.print(f"{len(jobs)} runs ({len(jobs) // len(parsed.seeds)} configurations x "
                       f"{len(parsed.seeds)} seeds)", soft_wrap=True)
         return

@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import sys
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,14 +33,12 @@ from typing import Any
 
 from cl import store
 from cl.errors import ClError, UsageError, one_line
-from cl.experiment import CONFIG_KEYS, RunConfig, make_config, plan, read_data_file
+from cl.experiment import RunConfig, make_config, plan, read_data_file, settings_table
 from cl.spec import parse_spec
 
 log = logging.getLogger(__name__)
 
 SPEC_KEYS = ("seeds", "base", "grid")
-ERROR = "error.json"  # a failed run's record: its error line and traceback
-MANIFEST = "ablation.json"  # the spec and the runs it expanded to, written by each invocation
 EXECUTORS = ("process", "ray")
 
 
@@ -73,15 +70,11 @@ class Outcome:
     error: str | None = None
 
 
-def _normalize_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
-    """Dashes read as underscores (like the CLI flags); keys checked against `cl run`'s."""
-    settings = {key.replace("-", "_"): value for key, value in table.items()}
-    for key in settings:
-        if key == "seed":
-            raise UsageError(f"{where} sets 'seed': list the seeds in the top-level "
-                             "'seeds' instead")
-        if key not in CONFIG_KEYS:
-            raise UsageError(f"unknown key {key!r} in {where} (known: {', '.join(CONFIG_KEYS)})")
+def _settings(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A [base] or [grid] table: `cl run`'s settings, but never the seed (the spec lists those)."""
+    settings = settings_table(table, where)
+    if "seed" in settings:
+        raise UsageError(f"{where} sets 'seed': list the seeds in the top-level 'seeds' instead")
     return settings
 
 
@@ -114,8 +107,8 @@ def parse_spec_table(data: Any, source: str) -> Spec:
     for name, table in (("base", base), ("grid", grid)):
         if not isinstance(table, dict):
             raise UsageError(f"[{name}] in {source} must be a table, got {table!r}")
-    base = _normalize_keys(base, f"[base] of {source}")
-    grid = _normalize_keys(grid, f"[grid] of {source}")
+    base = _settings(base, f"[base] of {source}")
+    grid = _settings(grid, f"[grid] of {source}")
     if not grid:
         raise UsageError(f"the grid of {source} is empty: give [grid] at least one setting "
                          "with a list of values (e.g. lr = [0.01, 0.1])")
@@ -198,30 +191,6 @@ def expand(spec: Spec, out: str | Path) -> list[Job]:
     return jobs
 
 
-def status_of(run_dir: Path) -> str:
-    """"done" (metrics.json), "failed" (error.json), "partial" (started), or "new"."""
-    if store.is_complete(run_dir):
-        return "done"
-    if (run_dir / ERROR).is_file():
-        return "failed"
-    if (run_dir / store.CONFIG).is_file():
-        return "partial"
-    return "new"
-
-
-def recorded_error(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / ERROR).read_text(encoding="utf-8"))["error"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unreadable {run_dir / ERROR}"
-
-
-def record_failure(run_dir: Path, name: str, error: str, details: str = "") -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store.write_json(run_dir / ERROR, {"run": name, "error": error, "traceback": details,
-                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
 def set_threads(threads: int) -> None:
     """Cap this process's torch threads (intra-op to `threads`, inter-op to 1)."""
     import torch
@@ -244,13 +213,13 @@ def run_job(job: Job, threads: int, logs: tuple[str, ...] = ()) -> dict[str, Any
 
     set_threads(threads)
     run_dir = Path(job.run_dir)
-    (run_dir / ERROR).unlink(missing_ok=True)
+    (run_dir / store.ERROR).unlink(missing_ok=True)
     try:
         execute(job.config, run_dir, resume=(run_dir / store.CONFIG).is_file(), logs=logs)
     except Exception as error:  # every failure is recorded; KeyboardInterrupt is not one
         message = str(error) if isinstance(error, ClError) else \
             f"{type(error).__name__}: {one_line(error)}"
-        record_failure(run_dir, job.name, message, traceback.format_exc())
+        store.write_error(run_dir, job.name, message, traceback.format_exc())
         return {"status": "failed", "error": message}
     return {"status": "done"}
 
@@ -300,14 +269,14 @@ def run_processes(jobs: Sequence[Job], workers: int, threads: int, logs: tuple[s
             for sentinel in wait(list(running)):
                 process, job = running.pop(sentinel)
                 process.join()
-                state = status_of(job.run_dir)
+                state = store.run_status(job.run_dir)
                 if state == "done":
                     on_finish(Outcome(job, "done"))
                 elif state == "failed":
-                    on_finish(Outcome(job, "failed", recorded_error(job.run_dir)))
+                    on_finish(Outcome(job, "failed", store.read_error(job.run_dir)))
                 else:
                     message = _death(process.exitcode)
-                    record_failure(job.run_dir, job.name, message)
+                    store.write_error(job.run_dir, job.name, message)
                     on_finish(Outcome(job, "failed", message))
     finally:
         for process, _ in running.values():
@@ -362,7 +331,7 @@ def run_ray(jobs: Sequence[Job], threads: int, logs: tuple[str, ...], address: s
                 result = ray.get(ref)
             except RayError as error:  # the worker died: no error.json from it
                 message = f"the run's Ray task failed: {one_line(error)}"
-                record_failure(job.run_dir, job.name, message)
+                store.write_error(job.run_dir, job.name, message)
                 on_finish(Outcome(job, "failed", message))
                 continue
             on_finish(Outcome(job, result["status"], result.get("error")))
@@ -417,7 +386,7 @@ def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / MANIFEST, {
+    store.write_json(out / store.MANIFEST, {
         "seeds": list(spec.seeds), "base": spec.base, "grid": spec.grid,
         "runs": [{"name": job.name, "configuration": job.configuration,
                   "seed": job.config.seed} for job in jobs]})
@@ -425,11 +394,11 @@ def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = 
     outcomes: dict[str, Outcome] = {}
     to_run = []
     for job in jobs:
-        state = status_of(job.run_dir)
+        state = store.run_status(job.run_dir)
         if state == "done":
             outcomes[job.name] = Outcome(job, "skipped")
         elif state == "failed" and not retry_failed:
-            outcomes[job.name] = Outcome(job, "failed", recorded_error(job.run_dir))
+            outcomes[job.name] = Outcome(job, "failed", store.read_error(job.run_dir))
         else:
             to_run.append(job)
     log.info("%d runs: %d done before, %d failed before, %d to run (%d workers x %d threads)",

@@ -90,19 +90,23 @@ def read_data_file(path: str | Path, what: str) -> Any:
     raise UsageError(f"{what} {path} must end in .toml or .json")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML or JSON config file, keys checked against RunConfig's fields.
+def settings_table(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A table of run settings with dashes read as underscores (`batch-size` = `batch_size`,
+    like the CLI flags), every key checked against RunConfig's fields."""
+    settings = {key.replace("-", "_"): value for key, value in table.items()}
+    unknown = sorted(set(settings) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in {where} "
+                         f"(known: {', '.join(CONFIG_KEYS)})")
+    return settings
 
-    Dashes in keys are read as underscores (`batch-size` = `batch_size`), like the CLI flags.
-    """
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML or JSON config file, read by `settings_table`."""
     data = read_data_file(path, "config file")
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table of settings")
-    settings = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(CONFIG_KEYS))
-    if unknown:
-        raise UsageError(f"unknown key {unknown[0]!r} in config file {path} "
-                         f"(known: {', '.join(CONFIG_KEYS)})")
+    settings = settings_table(data, f"config file {path}")
     if isinstance(settings.get("strategy"), str):
         settings["strategy"] = [settings["strategy"]]
     return settings

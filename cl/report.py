@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cl import store
 from cl.errors import DataError, UsageError, one_line
 
 # (key, column title, is an accuracy in [0, 1] shown in percent)
@@ -155,7 +156,7 @@ class Found:
 
 def _manifest_order(directory: Path) -> dict[str, int]:
     """Run name -> position in the ablation's `ablation.json`, when there is one."""
-    path = directory / "ablation.json"
+    path = directory / store.MANIFEST
     if not path.is_file():
         return {}
     runs = _read_json(path).get("runs", [])
@@ -175,22 +176,28 @@ def find_runs(directories: Sequence[str | Path]) -> Found:
         if not directory.is_dir():
             raise UsageError(f"{directory} is not a directory")
         order = _manifest_order(directory)
-        paths = sorted(directory.rglob("config.json"),
+        paths = sorted(directory.rglob(store.CONFIG),
                        key=lambda path: (order.get(path.parent.name, len(order)), str(path)))
         for config_path in paths:
             run_dir = config_path.parent
             if run_dir.resolve() in seen:
                 continue
             seen.add(run_dir.resolve())
-            if (run_dir / "metrics.json").is_file():
+            status = store.run_status(run_dir)
+            if status == "done":
                 found.runs.append(Run(run_dir, _read_json(config_path),
-                                      _read_json(run_dir / "metrics.json")))
-            elif (run_dir / "error.json").is_file():
-                error = _read_json(run_dir / "error.json")
-                found.failed.append((run_dir, error.get("error", "?")))
+                                      _read_json(run_dir / store.METRICS)))
+            elif status == "failed":
+                found.failed.append((run_dir, store.read_error(run_dir)))
             else:
                 found.unfinished.append(run_dir)
     return found
+
+
+def _digest(config: dict[str, Any]) -> str:
+    """8 hex digits of a configuration, to tell apart groups without an ablation's name."""
+    text = json.dumps(config, sort_keys=True)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
 
 
 def _config_name(runs: list[Run], config: dict[str, Any]) -> str:
@@ -199,8 +206,7 @@ def _config_name(runs: list[Run], config: dict[str, Any]) -> str:
     names = {match["configuration"] for match in matches if match}
     if len(names) == 1 and all(matches):
         return names.pop()
-    text = json.dumps(config, sort_keys=True)
-    return "config-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return "config-" + _digest(config)
 
 
 def _format_setting(key: str, value: Any) -> str:
@@ -237,8 +243,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     names = [group.name for group in result]
     for group in result:
         if names.count(group.name) > 1:  # e.g. one name reused with changed settings
-            text = json.dumps(group.config, sort_keys=True)
-            group.name += "-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+            group.name += "-" + _digest(group.config)
     return result
 
 
@@ -421,7 +426,7 @@ def _cell(stat: Stat, decimals: int = 2) -> str:
 
 
 def _decimals(key: str) -> int:
-    return 0 if key == "peak_rss_mb" else 2 if key != "time_seconds" else 1
+    return {"peak_rss_mb": 0, "time_seconds": 1}.get(key, 2)
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

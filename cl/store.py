@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from cl.errors import UsageError, one_line
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
+ERROR = "error.json"  # a failed run's record: its error line and traceback
+MANIFEST = "ablation.json"  # in an ablation's directory: the spec and the runs it expanded to
 MATRIX = "matrix.csv"
 EVENTS = "events.jsonl"
 CHECKPOINT = "checkpoint"
@@ -157,3 +160,31 @@ def read_checkpoint(run_dir: Path) -> dict | None:
 
 def is_complete(path: Path) -> bool:
     return (Path(path) / METRICS).is_file()
+
+
+def run_status(run_dir: Path) -> str:
+    """"done" (metrics.json), "failed" (error.json), "partial" (started), or "new"."""
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        return "done"
+    if (run_dir / ERROR).is_file():
+        return "failed"
+    if (run_dir / CONFIG).is_file():
+        return "partial"
+    return "new"
+
+
+def write_error(run_dir: Path, name: str, error: str, details: str = "") -> None:
+    """Record a failed run: `error.json` with its error line and, when known, its traceback."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / ERROR, {"run": name, "error": error, "traceback": details,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def read_error(run_dir: Path) -> str:
+    """The error line of a failed run's `error.json` (a note when it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / ERROR).read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {Path(run_dir) / ERROR}"
