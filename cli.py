@@ -82,7 +82,11 @@ def run_command(
                                           help="Evaluate the seen tasks every N steps (the "
                                           "stability-gap curve); 0: only after each task")
                           ] = None,
-    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1 [cpu]")] = None,
+    eval_batch_size: Annotated[str | None, Opt(metavar="INT", help="Rows per evaluation "
+                                               "forward pass [1024]")] = None,
+    log_every: Annotated[str | None, Opt(metavar="INT", help="Steps per logged mean loss "
+                                         "[50]")] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, mps [cpu]")] = None,
     strategy: Annotated[list[str] | None, Opt(help="Strategy spec name or name:key=value,... "
                                                  "(repeatable; applied in the order given)")
                         ] = None,
@@ -104,13 +108,15 @@ def run_command(
     from cl.errors import UsageError
     from cl.experiment import build, execute, make_config, read_config_file
     from cl.logs import check_log_formats
+    from cl.store import MARKER
 
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
              "classes_per_task": classes_per_task, "class_order": class_order, "data": data,
              "train_per_task": train_per_task, "test_per_task": test_per_task,
              "model": model, "hidden": hidden, "init": init, "optimizer": optimizer, "lr": lr,
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
-             "epochs": epochs, "seed": seed, "eval_every": eval_every, "device": device,
+             "epochs": epochs, "seed": seed, "eval_every": eval_every,
+             "eval_batch_size": eval_batch_size, "log_every": log_every, "device": device,
              "strategy": strategy, "joint": joint}
     given = sorted(key for key, value in flags.items() if value is not None)
     if resume is not None:
@@ -119,6 +125,8 @@ def run_command(
             extra = (given or ["config" if config is not None else "out"])[0]
             raise UsageError(f"--resume takes every setting from {resume / 'config.json'}; "
                              f"drop --{extra.replace('_', '-')}")
+        if not (resume / MARKER).is_file():
+            raise UsageError(f"--resume {resume} is not a run directory cl made (no {MARKER})")
         if not (resume / "config.json").is_file():
             raise UsageError(f"--resume {resume}: no run there (no config.json)")
         config, out = resume / "config.json", resume
@@ -206,9 +214,10 @@ def ablate_command(
                           ray_address=ray_address, gpus_per_run=gpus_per_run,
                           on_plan=on_plan, on_start=on_start, on_finish=on_finish)
     counts = {status: sum(o.status == status for o in outcomes)
-              for status in ("done", "skipped", "failed")}
+              for status in ("done", "skipped", "failed", "busy")}
+    busy = f", {counts['busy']} held by another process" if counts["busy"] else ""
     console.print(f"{len(outcomes)} runs in {out}: {counts['done']} finished now, "
-                  f"{counts['skipped']} done before, {counts['failed']} failed",
+                  f"{counts['skipped']} done before, {counts['failed']} failed{busy}",
                   soft_wrap=True)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     for outcome in failed:
@@ -234,6 +243,7 @@ def report_command(
                                              "[every pair, up to 8 configurations]")] = None,
 ) -> None:
     """Tables (mean, std, 95% CI over seeds), paired comparisons and figures of many runs."""
+    from rich.markup import escape
     from rich.table import Table
 
     from cl.errors import UsageError
@@ -260,7 +270,7 @@ def report_command(
     for index, title in enumerate(header):
         table.add_column(title, justify="left" if index == 0 else "right")
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # labels such as '... [live weights]'
     console.print(table)
     if report.comparisons:
         header, cells = paired_table(report.comparisons, report.groups)
@@ -268,7 +278,7 @@ def report_command(
         for index, title in enumerate(header):
             table.add_column(title, justify="left" if index < 2 else "right")
         for row in cells:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         console.print(table)
     found = report.found
     duplicates = sum(len(group.duplicates) for group in report.groups)
@@ -340,17 +350,22 @@ def _print_run(console, metrics: dict, run_dir: Path) -> None:
 
     summary = Table(title="Metrics (%)", title_justify="left")
     summary.add_column("metric")
-    summary.add_column(f"{metrics['scenario']}-IL", justify="right")
-    task_il = metrics.get("task_il")
-    if task_il is not None:  # a class-IL run also reports task-IL (logits masked per task)
-        summary.add_column("task-IL", justify="right")
+    # Every matrix of the run, each measured at the same points: R itself, a class-IL run's
+    # task-IL view of it (logits masked per task), and the variants a strategy asked for
+    # (EMA's eval_with=both: the live weights beside the average).
+    columns = [(f"{metrics['scenario']}-IL", metrics)]
+    if metrics.get("task_il") is not None:
+        columns.append(("task-IL", metrics["task_il"]))
+    for name, variant in metrics.get("variants", {}).items():
+        columns.append((f"{metrics['scenario']}-IL, {name}", variant))
+        if variant.get("task_il") is not None:
+            columns.append((f"task-IL, {name}", variant["task_il"]))
+    for title, _ in columns:
+        summary.add_column(title, justify="right")
     for title, key in (("ACC (final average)", "acc"), ("BWT", "bwt"), ("FWT", "fwt"),
                        ("Forgetting", "forgetting"), ("Learning accuracy", "learning_accuracy"),
                        ("min-ACC", "min_acc"), ("WC-ACC", "wc_acc")):
-        cells = [_fmt(metrics[key])]
-        if task_il is not None:
-            cells.append(_fmt(task_il.get(key)))
-        summary.add_row(title, *cells)
+        summary.add_row(title, *(_fmt(values.get(key)) for _, values in columns))
     console.print(summary)
     console.print(f"train {metrics['train_seconds']:.2f} s, eval {metrics['eval_seconds']:.2f} s, "
                   f"peak memory {metrics['peak_rss_mb']:.0f} MiB, "

@@ -33,7 +33,14 @@ from typing import Any
 
 from cl import store
 from cl.errors import ClError, UsageError, one_line
-from cl.experiment import RunConfig, make_config, plan, read_data_file, settings_table
+from cl.experiment import (
+    RunConfig,
+    check_configs,
+    make_config,
+    plan,
+    read_data_file,
+    settings_table,
+)
 from cl.spec import parse_spec
 
 log = logging.getLogger(__name__)
@@ -61,9 +68,14 @@ class Job:
     run_dir: Path
 
 
+# A worker's exit code when another process holds its run directory (EX_TEMPFAIL).
+BUSY_EXIT = 75
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one run: "done", "skipped" (done before), or "failed" (with its error)."""
+    """What became of one run: "done", "skipped" (done before), "busy" (another process holds
+    its directory, e.g. a second `cl ablate` on the same --out), or "failed" (with its error)."""
 
     job: Job
     status: str
@@ -108,10 +120,8 @@ def parse_spec_table(data: Any, source: str) -> Spec:
         if not isinstance(table, dict):
             raise UsageError(f"[{name}] in {source} must be a table, got {table!r}")
     base = _settings(base, f"[base] of {source}")
+    # No [grid]: one configuration, [base], over the seeds (the most common ablation of all).
     grid = _settings(grid, f"[grid] of {source}")
-    if not grid:
-        raise UsageError(f"the grid of {source} is empty: give [grid] at least one setting "
-                         "with a list of values (e.g. lr = [0.01, 0.1])")
     for key, values in grid.items():
         if not isinstance(values, list):
             raise UsageError(f"[grid] {key} in {source} must be a list of values, got {values!r}")
@@ -164,7 +174,9 @@ def expand(spec: Spec, out: str | Path) -> list[Job]:
     """Every run of `spec`, configurations in grid order and seeds within; all checked.
 
     Each configuration is type-checked and planned (names resolved, strategy parameters
-    checked) before any run starts, so a typo fails the whole ablation at once.
+    checked), then built as `cl run` builds it (each distinct stream and model once) so that
+    what only the data and the model can tell (a freeze pattern that matches no parameter,
+    lora in the class scenario) fails the whole ablation before any run starts.
     """
     out = Path(out)
     keys = list(spec.grid)
@@ -179,7 +191,8 @@ def expand(spec: Spec, out: str | Path) -> list[Job]:
             plan(first)
         except UsageError as error:
             raise UsageError(f"{where}: {error}") from None
-        readable = "_".join(_slug(key, value) for key, value in combination.items())[:80]
+        readable = "_".join(_slug(key, value) for key, value in combination.items())[:80] \
+            or "base"
         configuration = f"{readable}-{config_hash(first)}"
         if configuration in names:
             raise UsageError(f"{where} is the same run configuration as {names[configuration]}")
@@ -188,6 +201,8 @@ def expand(spec: Spec, out: str | Path) -> list[Job]:
             name = f"{configuration}-seed{seed}"
             config = dataclasses.replace(first, seed=seed)
             jobs.append(Job(name, configuration, config, out / name))
+    firsts = {job.configuration: job.config for job in jobs}
+    check_configs(list(firsts.values()), [names[name] for name in firsts])
     return jobs
 
 
@@ -206,16 +221,21 @@ def run_job(job: Job, threads: int, logs: tuple[str, ...] = ()) -> dict[str, Any
     """Run one job to completion in this process; record a failure instead of raising it.
 
     An unfinished directory (an interrupted run) continues from its last checkpoint; a fresh
-    one starts from the beginning. Returns {"status": "done"} or {"status": "failed",
-    "error": line}; a failure also leaves `error.json` in the run directory.
+    one starts from the beginning. Returns {"status": "done"}, {"status": "busy"} (another
+    process holds the directory: it is left alone), {"status": "skipped"} (another process
+    finished it meanwhile) or {"status": "failed", "error": line}; a failure also leaves
+    `error.json` in the run directory.
     """
     from cl.experiment import execute
 
     set_threads(threads)
     run_dir = Path(job.run_dir)
-    (run_dir / store.ERROR).unlink(missing_ok=True)
     try:
         execute(job.config, run_dir, resume=(run_dir / store.CONFIG).is_file(), logs=logs)
+    except store.RunDirBusy:
+        return {"status": "busy"}
+    except store.RunFinished:  # another process finished it since this ablation looked
+        return {"status": "skipped"}
     except Exception as error:  # every failure is recorded; KeyboardInterrupt is not one
         message = str(error) if isinstance(error, ClError) else \
             f"{type(error).__name__}: {one_line(error)}"
@@ -233,7 +253,7 @@ def _process_main(job: Job, threads: int, logs: tuple[str, ...]) -> None:
         outcome = run_job(job, threads, logs)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: leave quietly
         sys.exit(130)
-    sys.exit(0 if outcome["status"] == "done" else 1)
+    sys.exit({"done": 0, "skipped": 0, "busy": BUSY_EXIT}.get(outcome["status"], 1))
 
 
 def _death(exit_code: int | None) -> str:
@@ -270,7 +290,9 @@ def run_processes(jobs: Sequence[Job], workers: int, threads: int, logs: tuple[s
                 process, job = running.pop(sentinel)
                 process.join()
                 state = store.run_status(job.run_dir)
-                if state == "done":
+                if process.exitcode == BUSY_EXIT:
+                    on_finish(Outcome(job, "busy"))
+                elif state == "done":
                     on_finish(Outcome(job, "done"))
                 elif state == "failed":
                     on_finish(Outcome(job, "failed", store.read_error(job.run_dir)))
@@ -397,6 +419,8 @@ def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = 
         state = store.run_status(job.run_dir)
         if state == "done":
             outcomes[job.name] = Outcome(job, "skipped")
+        elif state == "running":
+            outcomes[job.name] = Outcome(job, "busy")
         elif state == "failed" and not retry_failed:
             outcomes[job.name] = Outcome(job, "failed", store.read_error(job.run_dir))
         else:

@@ -11,8 +11,8 @@ import dataclasses
 import inspect
 import json
 import platform
+import re
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cl import __version__, registry
-from cl.errors import UsageError, one_line
+from cl.errors import ClError, UsageError, one_line
 from cl.spec import format_spec, parse_config, parse_spec
 from cl.types import SCENARIOS, StreamOptions
+
+SEED_LIMIT = 2**63
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.scenario is not None and self.scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {self.scenario!r} (known: {', '.join(SCENARIOS)})")
+        # Strategies derive their own seeds from it (seed + a constant): keep room below 2**64.
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        if self.hidden is not None and any(size <= 0 for size in self.hidden):
+            raise ValueError(f"hidden sizes must be positive, got {list(self.hidden)}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -74,8 +81,8 @@ def read_data_file(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what} {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_bytes().decode("utf-8")
         if path.suffix == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
@@ -84,7 +91,9 @@ def read_data_file(path: str | Path, what: str) -> Any:
             return tomllib.loads(text)
         if path.suffix == ".json":
             return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not text (it is not UTF-8)") from None
+    except ValueError as error:
         raise UsageError(f"{what} {path} is not valid {path.suffix[1:].upper()}: "
                          f"{one_line(error)}") from None
     raise UsageError(f"{what} {path} must end in .toml or .json")
@@ -94,6 +103,13 @@ def settings_table(table: dict[str, Any], where: str) -> dict[str, Any]:
     """A table of run settings with dashes read as underscores (`batch-size` = `batch_size`,
     like the CLI flags), every key checked against RunConfig's fields."""
     settings = {key.replace("-", "_"): value for key, value in table.items()}
+    if len(settings) < len(table):
+        spellings = {}
+        for key in table:
+            spellings.setdefault(key.replace("-", "_"), []).append(key)
+        twice = next(keys for keys in spellings.values() if len(keys) > 1)
+        raise UsageError(f"{where} sets {twice[0]!r} and {twice[1]!r}, which are one setting: "
+                         "keep one")
     unknown = sorted(set(settings) - set(CONFIG_KEYS))
     if unknown:
         raise UsageError(f"unknown key {unknown[0]!r} in {where} "
@@ -121,13 +137,15 @@ def make_config(settings: dict[str, Any], source: str = "run config") -> RunConf
 
 @dataclass
 class Built:
-    """The objects a RunConfig names, built and checked; `config` has its defaults resolved."""
+    """The objects a RunConfig names, built and checked; `config` has its defaults resolved
+    and its local paths made absolute (`given` keeps each path as it was typed)."""
 
     config: RunConfig
     stream: Any
     model: Any
     strategy: Any
     train: Any
+    given: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +169,7 @@ def plan(config: RunConfig) -> Plan:
     models and strategies, strategy parameters, and bad values all fail here.
     """
     from cl.backbones import Backbone
+    from cl.models import check_device
     from cl.runner import TrainConfig
     from cl.strategy import Chain
 
@@ -161,7 +180,7 @@ def plan(config: RunConfig) -> Plan:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} must be positive, got {value}")
-    check_device(config.device)
+    check_device(config.device, "device")
 
     stream_name, stream_params = parse_spec(config.tasks)
     build_stream = registry.load("stream", stream_name)
@@ -194,15 +213,66 @@ def plan(config: RunConfig) -> Plan:
                 backbone, source, strategy)
 
 
-def build(config: RunConfig) -> Built:
-    """Resolve every name of `config`, check every value, load the stream and the model.
+def absolute_paths(config: RunConfig) -> tuple[RunConfig, dict[str, str]]:
+    """`config` with every local path it names made absolute: `--data`, an `hf:<path>` model,
+    and strategy settings whose config field is marked as a path (`metadata={"path": True}`),
+    so that `config.json` reruns from any directory. Hub names and words (`previous`) stay.
+    Also returns what was typed, by setting, for the paths it changed."""
+    given: dict[str, str] = {}
 
-    Nothing is written here.
-    """
+    def resolved(value: str, name: str) -> str:
+        path = Path(value).expanduser()
+        if not path.exists() or str(path.resolve()) == value:
+            return value
+        given[name] = value
+        return str(path.resolve())
+
+    changes: dict[str, Any] = {}
+    if config.data is not None:
+        changes["data"] = resolved(config.data, "data")
+    model_name, colon, argument = config.model.partition(":")
+    if argument:
+        changes["model"] = f"{model_name}{colon}{resolved(argument, 'model')}"
+    strategies = []
+    for spec in config.strategy:
+        name, params = parse_spec(spec)
+        fields = {field.name: field for field in
+                  dataclasses.fields(registry.load("strategy", name).config_class)}
+        paths = {key: resolved(value, f"{name}:{key}") for key, value in params.items()
+                 if key in fields and fields[key].metadata.get("path")}
+        changed = {key: value for key, value in paths.items() if value != params[key]}
+        strategies.append(format_spec(name, {**params, **changed}) if changed else spec)
+    changes["strategy"] = tuple(strategies)
+    return dataclasses.replace(config, **changes), given
+
+
+def build_model(checked: Plan, config: RunConfig, stream: Any, hidden: tuple[int, ...]) -> Any:
+    """The seeded model of a built-in builder; a size the machine cannot hold is one line."""
     from cl.models import build_seeded
+
+    try:
+        return build_seeded(checked.build_model, stream.input_shape, stream.num_classes,
+                            hidden, config.init, config.seed)
+    except (RuntimeError, MemoryError) as error:
+        asked = re.search(r"allocate (\d+) bytes", str(error))
+        if not isinstance(error, MemoryError) and asked is None:
+            raise
+        size = f" ({int(asked.group(1)) / 1e9:,.1f} GB asked for one tensor)" if asked else ""
+        raise ClError(f"not enough memory for model {config.model!r} with hidden sizes "
+                      f"{','.join(map(str, hidden))}{size}") from None
+
+
+def build(config: RunConfig) -> Built:
+    """Resolve every name of `config`, check every value, load the stream and the model, and
+    let the strategies check them (`Strategy.check`).
+
+    Nothing is written here: whatever is wrong with the inputs fails before a run directory
+    exists.
+    """
     from cl.sampling import cap_stream
 
     checked = plan(config)
+    config, given = absolute_paths(config)
     backbone, source = checked.backbone, checked.source
     tokenizer = backbone.tokenizer(source) if backbone is not None else None
     stream = checked.build_stream(StreamOptions(
@@ -226,22 +296,36 @@ def build(config: RunConfig) -> Built:
                              f"or --model hf:<name-or-path>, not {config.model!r}")
         if hidden is None:
             hidden = tuple(inspect.signature(checked.build_model).parameters["hidden"].default)
-        model = build_seeded(checked.build_model, stream.input_shape, stream.num_classes,
-                             hidden, config.init, config.seed)
+        model = build_model(checked, config, stream, hidden)
+    checked.strategy.check(model, stream, config.joint)
     resolved = dataclasses.replace(config, hidden=hidden, scenario=stream.scenario,
                                    tasks=format_spec(checked.stream_name, checked.stream_params))
-    return Built(resolved, stream, model, checked.strategy, checked.train)
+    return Built(resolved, stream, model, checked.strategy, checked.train, given)
 
 
-def check_device(device: str) -> None:
-    import torch
+# The settings that decide the stream and the model; the rest only change how they train.
+DATA_KEYS = ("tasks", "scenario", "num_tasks", "classes_per_task", "class_order", "data",
+             "train_per_task", "test_per_task", "model", "hidden", "init", "seed")
 
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for but CUDA is not available here")
+
+def check_configs(configs: list[RunConfig], wheres: list[str]) -> None:
+    """Check each configuration as `build` would (its strategies against its stream and model),
+    building each distinct stream and model once; the first problem is one UsageError naming
+    its configuration (`wheres`)."""
+    groups: dict[tuple, list[tuple[RunConfig, str]]] = {}
+    for config, where in zip(configs, wheres, strict=True):
+        key = tuple(repr(getattr(config, name)) for name in DATA_KEYS)
+        groups.setdefault(key, []).append((config, where))
+    for members in groups.values():  # one stream in memory at a time
+        built = None
+        for config, where in members:
+            try:
+                if built is None:
+                    built = build(config)
+                else:
+                    plan(config).strategy.check(built.model, built.stream, config.joint)
+            except UsageError as error:
+                raise UsageError(f"{where}: {error}") from None
 
 
 def peak_rss_mb() -> float:
@@ -266,29 +350,26 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
     from cl.models import trainable_parameters
 
     stream = built.stream
-    summary = metrics.summarize(result.accuracy, result.initial_accuracy, result.curve_steps,
-                                result.curve_accuracy, result.task_end_steps)
+
+    def measured(accuracy, initial, curve) -> dict[str, Any]:
+        """A matrix with its metrics; min-ACC and WC-ACC from its curve, measured at the same
+        points as every other matrix of the run (the `--eval-every` ones included)."""
+        return {"accuracy_matrix": accuracy.tolist(), "initial_accuracy": initial.tolist(),
+                **metrics.summarize(accuracy, initial, result.curve_steps, curve,
+                                    result.task_end_steps)}
+
     data: dict[str, Any] = {
         "stream": stream.name,
         "scenario": stream.scenario,
         "num_tasks": len(stream.tasks),
         "task_names": [task.name for task in stream.tasks],
         "joint": built.config.joint,
-        "accuracy_matrix": result.accuracy.tolist(),
-        "initial_accuracy": result.initial_accuracy.tolist(),
-        **summary,
+        **measured(result.accuracy, result.initial_accuracy, result.curve_accuracy),
     }
-
-    def measured_after_tasks(accuracy, initial) -> dict[str, Any]:
-        """A matrix measured only after each task, with its metrics: its curve is its rows."""
-        return {"accuracy_matrix": accuracy.tolist(), "initial_accuracy": initial.tolist(),
-                **metrics.summarize(accuracy, initial, result.task_end_steps, accuracy,
-                                    result.task_end_steps)}
-
     if result.task_accuracy is not None:
         # A class-IL run also yields task-IL numbers: the same logits, masked to each task.
-        data["task_il"] = measured_after_tasks(result.task_accuracy,
-                                               result.initial_task_accuracy)
+        data["task_il"] = measured(result.task_accuracy, result.initial_task_accuracy,
+                                   result.curve_task_accuracy)
     data["final_macro_f1"] = metrics.macro_f1_per_task(
         result.final_targets, result.final_predictions, [t.classes for t in stream.tasks])
     data["confusion_matrix"] = metrics.confusion(
@@ -297,6 +378,8 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
     data["curve"] = {"steps": result.curve_steps.tolist(),
                      "accuracy": result.curve_accuracy.tolist(),
                      "task_end_steps": list(result.task_end_steps)}
+    if result.curve_task_accuracy is not None:
+        data["curve"]["task_accuracy"] = result.curve_task_accuracy.tolist()
     data.update({
         "steps": result.steps,
         "train_seconds": result.train_seconds,
@@ -313,11 +396,15 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
     })
     for name, variant in result.variants.items():
         # An extra matrix a strategy asked for (EMA's live weights), with its own metrics.
-        entry = measured_after_tasks(variant["accuracy"], variant["initial_accuracy"])
+        entry = measured(variant["accuracy"], variant["initial_accuracy"],
+                         variant["curve_accuracy"])
         if variant["task_accuracy"] is not None:
-            entry["task_il"] = measured_after_tasks(variant["task_accuracy"],
-                                                    variant["initial_task_accuracy"])
+            entry["task_il"] = measured(variant["task_accuracy"],
+                                        variant["initial_task_accuracy"],
+                                        variant["curve_task_accuracy"])
         data.setdefault("variants", {})[name] = entry
+    if built.given:
+        data["paths_as_given"] = dict(built.given)  # what was typed, where config.json differs
     return data
 
 
@@ -332,6 +419,18 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
         suffix += 1
         path = root / f"{stream}-{strategies}-seed{config.seed}-{stamp}-{suffix}"
     return path
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume with settings other than those the checkpoint was trained with (an
+    edited config.json): the result would be neither run."""
+    differing = [key for key in sorted(set(saved) | set(current))
+                 if saved.get(key) != current.get(key)]
+    if differing:
+        key = differing[0]
+        raise UsageError(f"{run_dir / 'config.json'} no longer matches its checkpoint: {key} is "
+                         f"{current.get(key)!r} there but {saved.get(key)!r} in the checkpoint "
+                         f"({len(differing)} setting(s) differ); put it back or start a new run")
 
 
 def execute(config: RunConfig, out: str | Path | None = None, listener=None,
@@ -351,34 +450,40 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
 
     logs = check_log_formats(logs)
     built = built if built is not None else build(config)
-    state = None
-    if resume:
-        if out is None:
-            raise UsageError("resuming needs the run directory")
-        run_dir = Path(out)
-        if store.is_complete(run_dir):
-            raise UsageError(f"{run_dir} already holds a finished run ({store.METRICS})")
-        state = store.read_checkpoint(run_dir)
-    else:
-        run_dir = store.prepare_run_dir(Path(out) if out is not None else default_run_dir(config))
-        shutil.rmtree(run_dir / store.CHECKPOINT, ignore_errors=True)
-    store.write_json(run_dir / store.CONFIG, built.config.to_dict())
+    if resume and out is None:
+        raise UsageError("resuming needs the run directory")
+    run_dir = Path(out) if out is not None else default_run_dir(config)
+    # Held until the run ends (or its process does): a second process gets one error line.
+    with store.lock_run_dir(run_dir, resume=resume):
+        state = None
+        if resume:
+            if store.is_complete(run_dir):
+                raise store.RunFinished(f"{run_dir} already holds a finished run "
+                                        f"({store.METRICS})")
+            state = store.read_checkpoint(run_dir)
+            if state is not None:
+                check_same_run(state["config"], built.config.to_dict(), run_dir)
+            (run_dir / store.ERROR).unlink(missing_ok=True)  # a failed run, tried again
+        else:
+            store.clear_unfinished(run_dir)
+        store.write_json(run_dir / store.CONFIG, built.config.to_dict())
 
-    def save(run_state: dict) -> None:
-        store.write_checkpoint(run_dir, run_state, built.strategy.artifacts())
+        def save(run_state: dict) -> None:
+            store.write_checkpoint(run_dir, {**run_state, "config": built.config.to_dict()},
+                                   built.strategy.artifacts())
 
-    training_logs = Logs(logs, run_dir)
-    try:
-        result = run(built.model, built.stream, built.strategy, built.train,
-                     listener=chain_listeners(training_logs if logs else None, listener),
-                     checkpoint=save if checkpoint else None, resume=state)
-    finally:
-        training_logs.close()
-    data = metrics_of(built, result)
-    names = [task.name for task in built.stream.tasks]
-    row_names = ["joint"] if built.config.joint else names
-    store.write_matrix_csv(run_dir / store.MATRIX, ["initial", *row_names], names,
-                           [result.initial_accuracy.tolist(), *result.accuracy.tolist()])
-    store.write_jsonl(run_dir / store.EVENTS, result.events)
-    store.write_json(run_dir / store.METRICS, data)
+        training_logs = Logs(logs, run_dir)
+        try:
+            result = run(built.model, built.stream, built.strategy, built.train,
+                         listener=chain_listeners(training_logs if logs else None, listener),
+                         checkpoint=save if checkpoint else None, resume=state)
+        finally:
+            training_logs.close()
+        data = metrics_of(built, result)
+        names = [task.name for task in built.stream.tasks]
+        row_names = ["joint"] if built.config.joint else names
+        store.write_matrix_csv(run_dir / store.MATRIX, ["initial", *row_names], names,
+                               [result.initial_accuracy.tolist(), *result.accuracy.tolist()])
+        store.write_jsonl(run_dir / store.EVENTS, result.events)
+        store.write_json(run_dir / store.METRICS, data)
     return run_dir, data

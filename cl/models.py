@@ -135,6 +135,27 @@ def build_seeded(build, input_shape: Sequence[int], num_classes: int, hidden: Se
         return build(input_shape, num_classes, hidden, init)
 
 
+def check_device(name: str, what: str = "device") -> torch.device:
+    """`name` as a torch device that can hold and train a model on this machine; anything else
+    (a typo, `meta`, a CUDA or MPS device that is not there) is one UsageError line."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown {what} {name!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{what} {name!r} asked for but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{what} {name!r} asked for but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{what} {name!r} asked for but MPS is not available here")
+    elif device.type != "cpu":
+        raise UsageError(f"{what} {name!r} cannot train a model (use cpu, cuda, cuda:N or mps)")
+    return device
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 

@@ -1,9 +1,11 @@
 """Reports over many runs: group by configuration across seeds, summarize, compare, plot.
 
-`find_runs` reads run directories (finished ones have `metrics.json`); `group_runs` puts the
-runs of one configuration (the same `config.json` but for the seed) together; `summarize`
-gives each metric's mean, standard deviation and 95% confidence interval (Student's t, since
-a handful of seeds is the usual case); `paired` compares two configurations seed by seed.
+`find_runs` reads run directories (finished ones have `metrics.json`, checked by `read_run`
+for everything the report reads); `group_runs` puts the runs of one configuration (the same
+`config.json` but for the seed) together, with a group per extra evaluation the runs recorded
+(EMA's live weights); `summarize` gives each metric's mean, standard deviation and 95%
+confidence interval (Student's t, since a handful of seeds is the usual case); `paired`
+compares two configurations seed by seed.
 The figures are drawn with matplotlib's object API (no pyplot state) and `write_report`
 writes the markdown, CSV, PNG and optional self-contained HTML files.
 """
@@ -18,8 +20,8 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +42,38 @@ METRICS = (
     ("peak_rss_mb", "peak MiB", False),
 )
 COMPARED = ("acc", "bwt", "forgetting")  # the metrics of the paired comparisons
+# What the whole run spent: the same for every evaluation the run recorded (its variants).
+COSTS = ("time_seconds", "peak_rss_mb")
+ACCURACIES = tuple(key for key, _, _ in METRICS if key not in COSTS)
+# The row label of a variant, an extra evaluation a strategy records (EMA's eval_with=both).
+VARIANT_LABELS = {"live": "live weights"}
 SEED_SUFFIX = re.compile(r"^(?P<configuration>.+)-seed-?\d+$")
 
 
 @dataclass(frozen=True)
 class Run:
     path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
+    config: dict[str, Any]  # its config.json
+    metrics: dict[str, Any]  # its metrics.json
+    # An extra evaluation the run recorded in metrics["variants"] (EMA's "live" weights): this
+    # Run then stands for that evaluation's accuracies, at the costs of the whole run.
+    variant: str | None = None
 
     @property
     def seed(self) -> int:
         return self.config["seed"]
 
+    @property
+    def measured(self) -> dict[str, Any]:
+        """The accuracies (matrix and metrics) this Run stands for: the run's or its variant's."""
+        return self.metrics if self.variant is None else self.metrics["variants"][self.variant]
+
     def value(self, key: str) -> float:
         """A metric of this run as a float (NaN where it is undefined, e.g. BWT of a joint run)."""
         if key == "time_seconds":
-            return float(self.metrics["train_seconds"] + self.metrics["eval_seconds"])
-        value = self.metrics.get(key)
+            parts = (self.metrics.get("train_seconds"), self.metrics.get("eval_seconds"))
+            return math.nan if None in parts else float(sum(parts))
+        value = (self.metrics if key in COSTS else self.measured).get(key)
         return math.nan if value is None else float(value)
 
 
@@ -72,6 +88,8 @@ class Group:
     # Runs of a seed already in `runs` (the same ablation run twice, say): counting them would
     # narrow the interval with copies, so they are listed instead.
     duplicates: list[Run] = field(default_factory=list)
+    variant: str | None = None  # set in a group of the runs' extra evaluation (EMA's "live")
+    variants: list[Group] = field(default_factory=list)  # those groups of this one's runs
 
     def values(self, key: str) -> np.ndarray:
         return np.array([run.value(key) for run in self.runs], dtype=float)
@@ -142,7 +160,102 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise DataError(f"cannot read {path}: {one_line(error)}") from None
+        raise DataError(f"unreadable {path}: {one_line(error)}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_matrix(value: Any, rows: int, columns: int) -> bool:
+    """Whether `value` is `rows` lists of `columns` numbers (null: not measured)."""
+    return (isinstance(value, list) and len(value) == rows
+            and all(isinstance(row, list) and len(row) == columns
+                    and all(item is None or _is_number(item) for item in row) for row in value))
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """A value as a message quotes it: its repr, cut to `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _shown(data: dict[str, Any], key: str) -> str:
+    """A field's value for a message that says what is wrong with it."""
+    return _short(data[key]) if key in data else "missing"
+
+
+def _config_problems(config: Any) -> Iterator[str]:
+    """What keeps the report from grouping and labelling a run by its config.json."""
+    if not isinstance(config, dict):
+        yield f"{_short(config)} is not a JSON object"
+        return
+    seed = config.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        yield f"seed is {_shown(config, 'seed')}, expected an integer"
+    strategy = config.get("strategy")
+    if not (isinstance(strategy, list) and all(isinstance(spec, str) for spec in strategy)):
+        yield f"strategy is {_shown(config, 'strategy')}, expected a list of strategy specs"
+
+
+def _measured_problems(measured: dict[str, Any], rows: int, columns: int) -> Iterator[str]:
+    """What keeps the report from reading one evaluation's accuracies (the run's, a variant's)."""
+    for key in ACCURACIES:
+        if not (measured.get(key) is None or _is_number(measured[key])):
+            yield f"{key} is {_shown(measured, key)}, expected a number or null"
+    if not _is_matrix(measured.get("accuracy_matrix"), rows, columns):
+        yield (f"accuracy_matrix is {_shown(measured, 'accuracy_matrix')}, expected {rows} "
+               f"rows of {columns} accuracies")
+
+
+def _metrics_problems(metrics: Any) -> Iterator[str]:
+    """What keeps the report and its figures from reading a run's metrics.json."""
+    if not isinstance(metrics, dict):
+        yield f"{_short(metrics)} is not a JSON object"
+        return
+    names = metrics.get("task_names")
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        yield f"task_names is {_shown(metrics, 'task_names')}, expected a list of task names"
+        return
+    for key in ("train_seconds", "eval_seconds", "peak_rss_mb"):
+        if not (metrics.get(key) is None or _is_number(metrics[key])):
+            yield f"{key} is {_shown(metrics, key)}, expected a number or null"
+    # R is one row per task trained, or the single row of a joint run.
+    rows = 1 if metrics.get("joint") else len(names)
+    yield from _measured_problems(metrics, rows, len(names))
+    if not metrics.get("joint"):  # the continual-evaluation curve is drawn for sequential runs
+        curve = metrics.get("curve")
+        steps = curve.get("steps") if isinstance(curve, dict) else None
+        if not (isinstance(steps, list) and all(_is_number(step) for step in steps)
+                and _is_matrix(curve.get("accuracy"), len(steps), len(names))
+                and isinstance(curve.get("task_end_steps"), list)
+                and all(_is_number(end) for end in curve["task_end_steps"])):
+            yield (f"curve is {_shown(metrics, 'curve')}, expected steps, task_end_steps and "
+                   f"a row of {len(names)} accuracies per step")
+    variants = metrics.get("variants", {})
+    if not isinstance(variants, dict):
+        yield f"variants is {_short(variants)}, expected an object"
+        return
+    for name, variant in variants.items():
+        if not isinstance(variant, dict):
+            yield f"variants.{name} is {_short(variant)}, expected an object"
+        else:
+            yield from (f"variants.{name}.{problem}"
+                        for problem in _measured_problems(variant, rows, len(names)))
+
+
+def read_run(run_dir: Path) -> Run:
+    """A finished run, its config.json and metrics.json checked for everything the report and
+    its figures read, so that a hand-edited or foreign file is named instead of failing deep in
+    a figure; raises DataError("unreadable <file>: <what is wrong>")."""
+    config_path, metrics_path = run_dir / store.CONFIG, run_dir / store.METRICS
+    config, metrics = _read_json(config_path), _read_json(metrics_path)
+    for path, problems in ((config_path, _config_problems(config)),
+                           (metrics_path, _metrics_problems(metrics))):
+        problem = next(problems, None)
+        if problem is not None:
+            raise DataError(f"unreadable {path}: {problem}")
+    return Run(run_dir, config, metrics)
 
 
 @dataclass
@@ -155,11 +268,21 @@ class Found:
 
 
 def _manifest_order(directory: Path) -> dict[str, int]:
-    """Run name -> position in the ablation's `ablation.json`, when there is one."""
+    """Run name -> position in the ablation's `ablation.json`, when there is one.
+
+    A manifest the report cannot follow only costs the grid order (runs then come by path):
+    the runs themselves are what the report is about."""
     path = directory / store.MANIFEST
     if not path.is_file():
         return {}
-    runs = _read_json(path).get("runs", [])
+    try:
+        manifest = _read_json(path)
+    except DataError:
+        return {}
+    runs = manifest.get("runs") if isinstance(manifest, dict) else None
+    if not (isinstance(runs, list)
+            and all(isinstance(run, dict) and isinstance(run.get("name"), str) for run in runs)):
+        return {}
     return {run["name"]: index for index, run in enumerate(runs)}
 
 
@@ -168,6 +291,7 @@ def find_runs(directories: Sequence[str | Path]) -> Found:
 
     Runs come in the order of the directories given, and within an ablation's directory in
     the order of its grid (so configurations appear as the spec lists them), else by path.
+    A finished run `read_run` cannot read is listed among the failed ones, and the rest go on.
     """
     found = Found([], [], [])
     seen = set()
@@ -185,8 +309,10 @@ def find_runs(directories: Sequence[str | Path]) -> Found:
             seen.add(run_dir.resolve())
             status = store.run_status(run_dir)
             if status == "done":
-                found.runs.append(Run(run_dir, _read_json(config_path),
-                                      _read_json(run_dir / store.METRICS)))
+                try:
+                    found.runs.append(read_run(run_dir))
+                except DataError as error:
+                    found.failed.append((run_dir, str(error)))
             elif status == "failed":
                 found.failed.append((run_dir, store.read_error(run_dir)))
             else:
@@ -244,13 +370,35 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     for group in result:
         if names.count(group.name) > 1:  # e.g. one name reused with changed settings
             group.name += "-" + _digest(group.config)
+    for group in result:
+        group.variants = _variant_groups(group)
     return result
 
 
+def _variant_groups(group: Group) -> list[Group]:
+    """A group per extra evaluation the group's runs recorded (EMA's live weights): the same
+    runs, seen through that evaluation's accuracies."""
+    groups: dict[str, Group] = {}  # by variant, in first-seen order
+    for run in group.runs:
+        for variant in run.metrics.get("variants", {}):
+            if variant not in groups:
+                label = f"{group.label} [{VARIANT_LABELS.get(variant, variant)}]"
+                groups[variant] = Group(f"{group.name}-{variant}", label, group.config,
+                                        variant=variant)
+            groups[variant].runs.append(replace(run, variant=variant))
+    return list(groups.values())
+
+
+def with_variants(groups: Sequence[Group]) -> list[Group]:
+    """Every group followed by its variants' groups: the rows of the summary."""
+    return [shown for group in groups for shown in (group, *group.variants)]
+
+
 def summarize(groups: Sequence[Group]) -> list[dict[str, Any]]:
-    """One row per group: name, label, seeds, and each metric's Stat (accuracies in percent)."""
+    """One row per group and variant: name, label, seeds, and each metric's Stat (accuracies
+    in percent)."""
     rows = []
-    for group in groups:
+    for group in with_variants(groups):
         row: dict[str, Any] = {"name": group.name, "label": group.label,
                                "seeds": [run.seed for run in group.runs]}
         for key, _, percent in METRICS:
@@ -262,17 +410,21 @@ def summarize(groups: Sequence[Group]) -> list[dict[str, Any]]:
 
 def select_group(groups: Sequence[Group], query: str) -> Group:
     """The group named or labelled `query`, else the only one whose name starts with it,
-    else the only one whose name or label contains it."""
-    for matches in ([g for g in groups if query in (g.name, g.label)],
-                    [g for g in groups if g.name.startswith(query)],
-                    [g for g in groups if query in g.name or query in g.label]):
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise UsageError(f"{query!r} matches {len(matches)} configurations: "
-                             f"{', '.join(group.name for group in matches)}; give more of a name")
+    else the only one whose name or label contains it; the groups' variants (whose names
+    extend their group's) are looked at only when no group matches, so "ema" stays the EMA
+    configuration rather than also matching its live weights."""
+    for candidates in (list(groups), [variant for group in groups for variant in group.variants]):
+        for matches in ([g for g in candidates if query in (g.name, g.label)],
+                        [g for g in candidates if g.name.startswith(query)],
+                        [g for g in candidates if query in g.name or query in g.label]):
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise UsageError(f"{query!r} matches {len(matches)} configurations: "
+                                 f"{', '.join(group.name for group in matches)}; "
+                                 "give more of a name")
     raise UsageError(f"no configuration matches {query!r} (known: "
-                     f"{', '.join(group.name for group in groups)})")
+                     f"{', '.join(group.name for group in with_variants(groups))})")
 
 
 def comparisons(groups: Sequence[Group], pairs: Sequence[tuple[str, str]] | None = None,
@@ -298,7 +450,7 @@ def _figure(width: float, height: float):
 
 
 def _mean_matrix(group: Group) -> np.ndarray:
-    return np.mean([np.asarray(run.metrics["accuracy_matrix"], dtype=float)
+    return np.mean([np.asarray(run.measured["accuracy_matrix"], dtype=float)
                     for run in group.runs], axis=0)
 
 
@@ -329,7 +481,8 @@ def plot_matrix(group: Group):
 
 def plot_tasks(group: Group):
     """Each task's accuracy after each training task: the forgetting picture."""
-    matrices = 100 * np.array([run.metrics["accuracy_matrix"] for run in group.runs], dtype=float)
+    matrices = 100 * np.array([run.measured["accuracy_matrix"] for run in group.runs],
+                              dtype=float)
     mean, spread = matrices.mean(axis=0), matrices.std(axis=0)
     names = group.runs[0].metrics["task_names"]
     figure = _figure(6.0, 3.6)
@@ -354,6 +507,8 @@ def _curve(run: Run) -> tuple[np.ndarray, np.ndarray, list[int]]:
     curve = run.metrics["curve"]
     accuracy = np.array([[math.nan if value is None else value for value in row]
                          for row in curve["accuracy"]], dtype=float)
+    # Shaped even without evaluations, when the list above has no rows to give it a width.
+    accuracy = accuracy.reshape(len(curve["steps"]), len(run.metrics["task_names"]))
     return np.asarray(curve["steps"]), 100 * accuracy, list(curve["task_end_steps"])
 
 
@@ -385,13 +540,13 @@ def plot_curve(group: Group):
     return figure
 
 
-def plot_bars(groups: Sequence[Group], rows: Sequence[dict[str, Any]]):
-    """ACC and forgetting of every configuration, with 95% confidence intervals."""
+def plot_bars(rows: Sequence[dict[str, Any]]):
+    """ACC and forgetting of every row of the summary, with 95% confidence intervals."""
     shown = [("acc", "ACC (%)"), ("forgetting", "forgetting (%)")]
-    height = 1.0 + 0.45 * len(groups)
+    height = 1.0 + 0.45 * len(rows)
     figure = _figure(9.0, max(2.4, height))
     panels = figure.subplots(1, len(shown), sharey=True)
-    positions = np.arange(len(groups))
+    positions = np.arange(len(rows))
     for axes, (key, title) in zip(panels, shown, strict=True):
         means = [row[key].mean for row in rows]
         errors = [0 if math.isnan(row[key].half_width) else row[key].half_width for row in rows]
@@ -401,9 +556,9 @@ def plot_bars(groups: Sequence[Group], rows: Sequence[dict[str, Any]]):
                 axes.text(mean, position, f" {mean:.1f}", va="bottom", fontsize=7)
         axes.set_xlabel(title + ", 95% CI")
         axes.grid(axis="x", alpha=0.3)
-    panels[0].set_yticks(positions, [group.label for group in groups], fontsize=8)
+    panels[0].set_yticks(positions, [row["label"] for row in rows], fontsize=8)
     panels[0].invert_yaxis()
-    seeds = sorted({len(group.runs) for group in groups})
+    seeds = sorted({len(row["seeds"]) for row in rows})
     figure.suptitle(f"configurations over {'/'.join(map(str, seeds))} seeds", fontsize=9)
     return figure
 
@@ -440,7 +595,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
 def paired_table(results: Sequence[Paired], groups: Sequence[Group]
                  ) -> tuple[list[str], list[list[str]]]:
     """One row per compared pair: B minus A of each compared metric, its 95% CI and p."""
-    labels = {group.name: group.label for group in groups}
+    labels = {group.name: group.label for group in with_variants(groups)}
     titles = {key: title for key, title, _ in METRICS}
     header = ["B", "minus A", "seeds", *(f"Δ{titles[key]} [95% CI], p" for key in COMPARED)]
     rows: dict[tuple[str, str], list[str]] = {}
@@ -492,7 +647,12 @@ def build_report(directories: Sequence[str | Path],
     found = find_runs(directories)
     if not found.runs:
         where = ", ".join(str(directory) for directory in directories)
-        raise UsageError(f"no finished runs (directories with metrics.json) under {where}")
+        message = f"no finished runs (directories with metrics.json) under {where}"
+        if found.failed:  # an unreadable metrics.json would otherwise look like no run at all
+            path, error = found.failed[0]
+            message += (f"; {len(found.failed)} failed or unreadable, the first: {path.name}: "
+                        + " ".join(str(error).split()))
+        raise UsageError(message)
     groups = group_runs(found.runs)
     return Report(groups, summarize(groups), comparisons(groups, pairs), found)
 
@@ -514,17 +674,19 @@ def _csv_text(report: Report) -> str:
     return buffer.getvalue()
 
 
-def _json_data(report: Report) -> dict[str, Any]:
-    """The summary and comparisons as plain data (accuracies in percent, NaN as null)."""
+def _json_data(report: Report, figures: list[str]) -> dict[str, Any]:
+    """The summary and comparisons as plain data (accuracies in percent, NaN as null), and
+    the figure files (so that the next report over this one knows which are its own)."""
 
     def stat(value: Stat) -> dict[str, float | int]:
         return {"n": value.n, "mean": value.mean, "std": value.std,
                 "ci_low": value.ci_low, "ci_high": value.ci_high}
 
-    configurations = [{"name": row["name"], "label": row["label"], "seeds": row["seeds"],
-                       "runs": [str(run.path) for run in group.runs],
+    configurations = [{"name": row["name"], "label": row["label"], "variant": group.variant,
+                       "seeds": row["seeds"], "runs": [str(run.path) for run in group.runs],
                        **{key: stat(row[key]) for key, _, _ in METRICS}}
-                      for row, group in zip(report.rows, report.groups, strict=True)]
+                      for row, group in zip(report.rows, with_variants(report.groups),
+                                            strict=True)]
     comparisons = [{"a": result.a, "b": result.b, "metric": result.metric,
                     "seeds": list(result.seeds), "p_value": result.p_value,
                     "difference": stat(Stat(result.diff.n, *(100 * x for x in (
@@ -535,7 +697,22 @@ def _json_data(report: Report) -> dict[str, Any]:
     return {"configurations": configurations, "comparisons": comparisons,
             "duplicates": [str(run.path) for group in report.groups for run in group.duplicates],
             "unfinished": [str(path) for path in found.unfinished],
-            "failed": [{"run": str(path), "error": error} for path, error in found.failed]}
+            "failed": [{"run": str(path), "error": error} for path, error in found.failed],
+            "figures": figures}
+
+
+def _earlier_figures(out: Path) -> list[str]:
+    """The figure files an earlier report in `out` wrote, as its report.json lists them."""
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = earlier.get("figures") if isinstance(earlier, dict) else None
+    if not isinstance(names, list):  # not a report's, or one from before figures were listed
+        return []
+    # Only bare PNG names: a list edited to name another file must not get it deleted.
+    return [name for name in names
+            if isinstance(name, str) and name.endswith(".png") and Path(name).name == name]
 
 
 def write_report(report: Report, out: str | Path, html_page: bool = False) -> list[Path]:
@@ -543,24 +720,28 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
     paths.
 
     Every file goes through a temporary file and a rename: an interrupted report never
-    leaves a file that looks whole.
+    leaves a file that looks whole. The files of an earlier report in `out` that this one
+    does not write (its report.html, figures of configurations gone) are removed, so that no
+    stale page or figure sits beside the new tables.
     """
     from cl.store import atomic_write, atomic_write_bytes, write_json
 
     out = Path(out)
     figures_dir = out / "figures"
+    earlier_figures = _earlier_figures(out)  # read before report.json is replaced
     figures_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
     figures.append(("configurations.png", "ACC and forgetting per configuration (95% CI)",
-                    _png(plot_bars(report.groups, report.rows))))
-    for group in report.groups:
+                    _png(plot_bars(report.rows))))
+    for group in with_variants(report.groups):
         figures.append((f"{group.name}-matrix.png", f"{group.label}: accuracy matrix",
                         _png(plot_matrix(group))))
         if not group.runs[0].metrics.get("joint"):
             figures.append((f"{group.name}-tasks.png", f"{group.label}: accuracy per task",
                             _png(plot_tasks(group))))
-            figures.append((f"{group.name}-curve.png", f"{group.label}: continual evaluation",
-                            _png(plot_curve(group))))
+            if group.variant is None:  # a variant is measured after each task only: no curve
+                figures.append((f"{group.name}-curve.png",
+                                f"{group.label}: continual evaluation", _png(plot_curve(group))))
     written = []
     for name, _, png in figures:
         atomic_write_bytes(figures_dir / name, png)
@@ -585,7 +766,7 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
                    "peak memory is the run process's resident set.")
     names = "\n".join(f"- `{group.name}`: {group.label} (seeds "
                       f"{', '.join(str(run.seed) for run in group.runs)})"
-                      for group in report.groups)
+                      for group in with_variants(report.groups))
     markdown = ["# Report", "", " ".join(notes), "", explanation, "",
                 _markdown_table(*summary), "", "Configurations:", "", names, ""]
     if report.comparisons:
@@ -596,7 +777,8 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
     markdown += [f"![{caption}](figures/{name})\n" for name, caption, _ in figures]
     atomic_write(out / "report.md", "\n".join(markdown))
     atomic_write(out / "report.csv", _csv_text(report))
-    write_json(out / "report.json", _json_data(report))
+    figure_names = [name for name, _, _ in figures]
+    write_json(out / "report.json", _json_data(report, figure_names))
     written += [out / "report.md", out / "report.csv", out / "report.json"]
 
     if html_page:
@@ -618,5 +800,9 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
             f"{_html_table(*summary)}{comparison}<h2>Figures</h2>{images}</body></html>\n")
         atomic_write(out / "report.html", page)
         written.append(out / "report.html")
+    else:  # an earlier report's page would show other numbers than these tables
+        (out / "report.html").unlink(missing_ok=True)
+    for name in set(earlier_figures) - set(figure_names):
+        (figures_dir / name).unlink(missing_ok=True)
     report.files = written
     return written

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
+MAIN = "main"  # the view of R itself, beside the variants strategies ask for (EMA's "live")
+
 Listener = Callable[[dict], None]
 Checkpointer = Callable[[dict], None]
 
@@ -55,11 +57,17 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise UsageError(f"lr must be a positive number, got {self.lr}")
-        for name in ("momentum", "weight_decay", "eval_every"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must not be negative, got {getattr(self, name)}")
+        # The optimizer applies these as float32 scalars to float32 weights: a value beyond
+        # float32's range fails inside its step.
+        largest = torch.finfo(torch.float32).max
+        if not 0 < self.lr <= largest:  # also NaN
+            raise UsageError(f"lr must be a positive number up to {largest:.2e}, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            if not 0 <= getattr(self, name) <= largest:
+                raise UsageError(f"{name} must be a number from 0 to {largest:.2e}, "
+                                 f"got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise UsageError(f"eval_every must not be negative, got {self.eval_every}")
 
 
 @dataclass
@@ -78,6 +86,7 @@ class RunResult:
     initial_task_accuracy: np.ndarray | None
     curve_steps: np.ndarray
     curve_accuracy: np.ndarray
+    curve_task_accuracy: np.ndarray | None  # the task-IL numbers of the same evaluations
     task_end_steps: list[int]
     final_targets: list[np.ndarray]
     final_predictions: list[np.ndarray]
@@ -87,8 +96,10 @@ class RunResult:
     train_rows: int = 0  # rows forwarded in training, replayed rows included
     eval_rows: int = 0  # test rows forwarded in evaluation, every variant included
     events: list[dict] = field(default_factory=list)
-    # Extra matrices a strategy asked for (EMA's live weights beside the averaged ones), by name:
-    # {"accuracy": rows, "initial_accuracy": row, "task_accuracy": rows or None, ...}.
+    # Extra matrices a strategy asked for (EMA's live weights beside the averaged ones), by name,
+    # each measured at the same points as R: {"accuracy", "initial_accuracy", "task_accuracy",
+    # "initial_task_accuracy", "curve_accuracy", "curve_task_accuracy"} (task-IL ones None
+    # outside the class scenario).
     variants: dict[str, dict] = field(default_factory=dict)
     resumed_from: int | None = None  # the number of tasks a resumed run found already done
 
@@ -201,6 +212,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         checkpoint: Checkpointer | None = None, resume: dict | None = None) -> RunResult:
     """Train `model` on the tasks of `stream` in order and return the accuracy matrix and curves.
 
+    Every evaluation (before training, every `eval_every` steps, after each task) measures R's
+    model and each variant a strategy asks for, class-IL and task-IL from the same logits, so
+    every figure derived from them comes from the same points of the run.
+
     `listener`, when given, receives every event dict (losses, evaluations, task ends) and
     `{"event": "step", "step": k, "total_steps": n, "task": t}` after each optimizer step (for
     progress bars).
@@ -225,31 +240,42 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         phases = [(task, torch.full((len(task.train),), task.index)) for task in stream.tasks]
     steps_per_epoch = [math.ceil(len(task.train) / config.batch_size) for task, _ in phases]
     total_steps = config.epochs * sum(steps_per_epoch)
+    strategy.check(model, stream, config.joint)
     variants = strategy.eval_variants()
-    # Everything measured so far: what a checkpoint carries so a resumed run can go on.
-    progress: dict = {"next_phase": 0, "step": 0, "rows": [], "task_rows": [],
-                      "curve_steps": [], "curve_rows": [], "task_end_steps": [],
+    # Everything measured so far: what a checkpoint carries so a resumed run can go on. Each
+    # view (R's model, then each variant) keeps its after-task rows and its whole curve.
+    progress: dict = {"next_phase": 0, "step": 0, "curve_steps": [], "task_end_steps": [],
                       "train_seconds": 0.0, "eval_seconds": 0.0, "events": [],
                       "train_rows": 0, "eval_rows": 0,
-                      "variants": {name: {"rows": [], "task_rows": []} for name in variants}}
+                      "views": {view: {"rows": [], "task_rows": [], "curve_rows": [],
+                                       "curve_task_rows": []} for view in (MAIN, *variants)}}
 
     def emit(event: dict) -> None:
         progress["events"].append(event)
         if listener is not None:
             listener(event)
 
-    def evaluate_all(keep_predictions: bool = False) -> Evaluation:
-        evaluation = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
-                              config.eval_batch_size, device, keep_predictions=keep_predictions)
-        progress["eval_rows"] += evaluation.rows
-        return evaluation
-
-    def evaluate_variants() -> dict[str, Evaluation]:
-        evaluations = {}
+    def evaluate_views(tasks: list[Task], keep_predictions: bool = False
+                       ) -> dict[str, Evaluation]:
+        """`tasks` evaluated as R's model, then as each variant."""
+        evaluations = {MAIN: evaluate(model, stream, strategy, tasks, class_mask,
+                                      config.eval_batch_size, device, keep_predictions)}
         for name in variants:
             with strategy.eval_variant(name):
-                evaluations[name] = evaluate_all()
+                evaluations[name] = evaluate(model, stream, strategy, tasks, class_mask,
+                                             config.eval_batch_size, device)
+        progress["eval_rows"] += sum(evaluation.rows for evaluation in evaluations.values())
         return evaluations
+
+    def record(evaluations: dict[str, Evaluation], task_end: bool) -> None:
+        """One point of the curve for every view; after a task, also a row of its matrix."""
+        for name, evaluation in evaluations.items():
+            view = progress["views"][name]
+            view["curve_rows"].append(evaluation.accuracy.tolist())
+            view["curve_task_rows"].append(evaluation.task_accuracy.tolist())
+            if task_end:
+                view["rows"].append(evaluation.accuracy.tolist())
+                view["task_rows"].append(evaluation.task_accuracy.tolist())
 
     # Data order comes from this generator alone; the global RNG (dropout, say) is seeded too.
     order_generator = torch.Generator().manual_seed(config.seed)
@@ -260,20 +286,19 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
 
         if resume is None:
             started = time.perf_counter()
-            before = evaluate_all()
-            progress["initial"] = before.accuracy.tolist()
-            progress["initial_task"] = before.task_accuracy.tolist()
-            for name, evaluation in evaluate_variants().items():
-                progress["variants"][name]["initial"] = evaluation.accuracy.tolist()
-                progress["variants"][name]["initial_task"] = evaluation.task_accuracy.tolist()
+            before = evaluate_views(list(stream.tasks))
+            for name, evaluation in before.items():
+                progress["views"][name]["initial"] = evaluation.accuracy.tolist()
+                progress["views"][name]["initial_task"] = evaluation.task_accuracy.tolist()
             progress["eval_seconds"] += time.perf_counter() - started
-            emit({"event": "eval", "step": 0, "task": None, "accuracy": before.accuracy.tolist()})
+            emit({"event": "eval", "step": 0, "task": None,
+                  "accuracy": before[MAIN].accuracy.tolist()})
         else:
             # The strategy first (LoRA rebuilds its adapters), then the weights, then the RNGs.
             strategy.load_state_dict(resume["strategy"])
             model.load_state_dict(resume["model"])
             progress = resume["progress"]
-            if sorted(progress["variants"]) != sorted(variants):
+            if sorted(progress["views"]) != sorted((MAIN, *variants)):
                 raise UsageError("the checkpoint was written by a run with other strategies")
             set_rng_state(resume["rng"], order_generator, device)
             for event in progress["events"]:
@@ -342,14 +367,12 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                         started = time.perf_counter()
                         seen = list(stream.tasks[:task.index + 1]) if not config.joint \
                             else list(stream.tasks)
-                        during = evaluate(model, stream, strategy, seen, class_mask,
-                                          config.eval_batch_size, device)
-                        progress["eval_rows"] += during.rows
+                        during = evaluate_views(seen)
                         progress["curve_steps"].append(step)
-                        progress["curve_rows"].append(during.accuracy.tolist())
+                        record(during, task_end=False)
                         emit({"event": "eval", "step": step, "task": task.index,
                               "accuracy": [None if math.isnan(a) else a
-                                           for a in during.accuracy.tolist()]})
+                                           for a in during[MAIN].accuracy.tolist()]})
                         progress["eval_seconds"] += time.perf_counter() - started
                         started = time.perf_counter()
                     if listener is not None:
@@ -363,16 +386,13 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
             progress["train_seconds"] += time.perf_counter() - started
 
             started = time.perf_counter()
-            final = after = evaluate_all(keep_predictions=phase == len(phases) - 1)
-            for name, evaluation in evaluate_variants().items():
-                progress["variants"][name]["rows"].append(evaluation.accuracy.tolist())
-                progress["variants"][name]["task_rows"].append(evaluation.task_accuracy.tolist())
+            evaluations = evaluate_views(list(stream.tasks),
+                                         keep_predictions=phase == len(phases) - 1)
+            final = after = evaluations[MAIN]
             progress["eval_seconds"] += time.perf_counter() - started
-            progress["rows"].append(after.accuracy.tolist())
-            progress["task_rows"].append(after.task_accuracy.tolist())
+            record(evaluations, task_end=True)
             progress["task_end_steps"].append(step)
             progress["curve_steps"].append(step)
-            progress["curve_rows"].append(after.accuracy.tolist())
             progress["step"] = step
             progress["next_phase"] = phase + 1
             emit({"event": "task_end", "step": step, "task": task.index, "name": task.name,
@@ -386,20 +406,29 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         if final is None:
             # Resumed after the last task: the final predictions (confusion matrix, F1) come
             # from one more pass over the restored model.
-            final = evaluate_all(keep_predictions=True)
+            final = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
+                             config.eval_batch_size, device, keep_predictions=True)
+            progress["eval_rows"] += final.rows
 
     class_il = stream.scenario == "class"
 
     def matrix(rows: list) -> np.ndarray:
         return np.asarray(rows, dtype=np.float64).reshape(len(rows), num_tasks)
 
+    def measured(view: dict) -> dict[str, np.ndarray | None]:
+        """A view's matrices; the task-IL ones only where they differ in meaning (class-IL)."""
+        return {"accuracy": matrix(view["rows"]),
+                "initial_accuracy": np.asarray(view["initial"], dtype=np.float64),
+                "task_accuracy": matrix(view["task_rows"]) if class_il else None,
+                "initial_task_accuracy": np.asarray(view["initial_task"], dtype=np.float64)
+                if class_il else None,
+                "curve_accuracy": matrix(view["curve_rows"]),
+                "curve_task_accuracy": matrix(view["curve_task_rows"]) if class_il else None}
+
+    views = {name: measured(view) for name, view in progress["views"].items()}
     return RunResult(
-        accuracy=matrix(progress["rows"]),
-        initial_accuracy=np.asarray(progress["initial"], dtype=np.float64),
-        task_accuracy=matrix(progress["task_rows"]) if class_il else None,
-        initial_task_accuracy=np.asarray(progress["initial_task"]) if class_il else None,
+        **views.pop(MAIN),
         curve_steps=np.asarray(progress["curve_steps"], dtype=np.int64),
-        curve_accuracy=matrix(progress["curve_rows"]),
         task_end_steps=list(progress["task_end_steps"]),
         final_targets=final.targets,
         final_predictions=final.predictions,
@@ -409,11 +438,6 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         train_rows=progress["train_rows"],
         eval_rows=progress["eval_rows"],
         events=progress["events"],
-        variants={name: {"accuracy": matrix(v["rows"]),
-                         "initial_accuracy": np.asarray(v["initial"], dtype=np.float64),
-                         "task_accuracy": matrix(v["task_rows"]) if class_il else None,
-                         "initial_task_accuracy": np.asarray(v["initial_task"])
-                         if class_il else None}
-                  for name, v in progress["variants"].items()},
+        variants=views,
         resumed_from=resumed_from,
     )

@@ -7,6 +7,7 @@ by the types of its fields, so each strategy validates its own values in `__post
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -47,7 +48,14 @@ def format_spec(name: str, params: dict[str, Any]) -> str:
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a CLI string (or an already typed value from a config file) to `annotation`."""
+    """Convert a CLI string (or an already typed value from a config file) to `annotation`.
+
+    Settings are scalars or flat lists of them: a table (a config file's `[strategy]`), or a
+    list where a scalar belongs (`hidden = [[0]]`), is refused here, as is a number that is
+    not finite (no setting means anything at NaN or infinity)."""
+    if isinstance(value, dict):
+        raise UsageError(f"bad value for {where}: expected {_expected(annotation)}, "
+                         f"got a table {value!r}")
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -68,6 +76,9 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise UsageError(f"bad value {value!r} for {where} "
                              f"(choose from: {', '.join(map(str, allowed))})")
         return value
+    if isinstance(value, (list, tuple)) and origin is not tuple:
+        raise UsageError(f"bad value {value!r} for {where}: expected {_expected(annotation)}, "
+                         "not a list")
     if origin is tuple:
         item_type = typing.get_args(annotation)[0]
         items = value if isinstance(value, (list, tuple)) else [
@@ -93,10 +104,26 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise UsageError(f"bad value {value!r} for {where}: expected {kind}") from None
         if annotation is int and isinstance(value, float) and number != value:
             raise UsageError(f"bad value {value!r} for {where}: expected an integer")
+        if annotation is float and not math.isfinite(number):
+            raise UsageError(f"bad value {value!r} for {where}: expected a finite number")
         return number
     if annotation is str:
         return str(value)
     return value
+
+
+def _expected(annotation: Any) -> str:
+    """What a value of `annotation` looks like, for error lines."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(option) for option in typing.get_args(annotation)
+                           if option is not type(None))
+    if origin is tuple:
+        return f"a list ({_expected(typing.get_args(annotation)[0])} each)"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"
+            }.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def parse_config(config_class: type, params: dict[str, Any], owner: str) -> Any:

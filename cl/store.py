@@ -7,16 +7,20 @@ every file goes through a temporary file and a rename, so no reader ever sees ha
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import functools
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from cl.errors import UsageError, one_line
+from cl.errors import ClError, UsageError, one_line
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -27,7 +31,30 @@ EVENTS = "events.jsonl"
 CHECKPOINT = "checkpoint"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-CHECKPOINT_FORMAT = 1
+# The mark of a directory cl made, and the file a process holds a lock on while it owns the run.
+MARKER = ".cl-run"
+CHECKPOINT_FORMAT = 2  # 2: the run's config is saved with the progress (resume checks it)
+
+
+class RunDirBusy(ClError):
+    """Another process holds the run directory (a second `cl run --out` on the same folder)."""
+
+
+class RunFinished(UsageError):
+    """The run directory already holds a finished run: it is kept, never overwritten."""
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: setting it back at once is the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """What `open()` would give a new file: rw for whom the umask allows."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -40,6 +67,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; results are meant to be shared as the umask says.
+        os.fchmod(handle, file_mode())
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -80,17 +109,96 @@ def write_matrix_csv(path: Path, row_names: list[str], column_names: list[str],
     atomic_write(path, buffer.getvalue())
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create the run directory; refuse one that holds a finished run, clear an unfinished one."""
+class RunLock:
+    """This process's hold on a run directory: an exclusive `flock` on its marker file.
+
+    The kernel drops the lock when the process ends, however it ends, so a killed run never
+    leaves a stale lock behind; `release` drops it earlier."""
+
+    def __init__(self, path: Path, handle: int) -> None:
+        self.path = path
+        self._handle: int | None = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            os.close(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _holder(marker: Path) -> str:
+    """Who holds a run directory, for the error line: the pid its marker records."""
+    try:
+        pid = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "another process"
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+def lock_run_dir(path: Path, resume: bool = False) -> RunLock:
+    """Take `path` as this process's run directory: made by cl (its marker) or new or empty.
+
+    A folder cl did not make is never written into: it may hold the user's own files (a
+    `config.json`, a `checkpoint/`) that a run would overwrite or delete. The returned lock is
+    held until released or until the process ends; a second process gets RunDirBusy.
+    """
     path = Path(path)
-    if (path / METRICS).exists():
-        raise UsageError(f"{path} already holds a finished run ({METRICS}); choose another --out")
+    marker = path / MARKER
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} exists and is not a directory")
+    if path.is_dir() and not marker.is_file():
+        if resume:
+            raise UsageError(f"{path} is not a run directory cl made (it has no {MARKER})")
+        entries = sorted(entry.name for entry in path.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UsageError(f"--out {path} holds files cl did not write ({shown}); "
+                             "choose a new or empty directory")
     path.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG, MATRIX, EVENTS):
+    handle = os.open(marker, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(handle)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirBusy(f"{path} is in use by {_holder(marker)}: one run directory, one "
+                             "process at a time") from None
+        raise
+    os.ftruncate(handle, 0)
+    os.write(handle, f"{os.getpid()}\n".encode())
+    return RunLock(path, handle)
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds the run directory `path` now."""
+    try:
+        handle = os.open(Path(path) / MARKER, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(handle)
+    return False
+
+
+def clear_unfinished(path: Path) -> None:
+    """Remove what an unfinished run left in its directory, so a fresh start is clean; refuse a
+    finished run (it is kept, never overwritten)."""
+    path = Path(path)
+    if (path / METRICS).exists():
+        raise RunFinished(f"{path} already holds a finished run ({METRICS}); choose another --out")
+    for name in (CONFIG, MATRIX, EVENTS, ERROR):
         (path / name).unlink(missing_ok=True)
-    return path
+    shutil.rmtree(path / CHECKPOINT, ignore_errors=True)
+    shutil.rmtree(path / ".checkpoint-previous", ignore_errors=True)
 
 
 def write_checkpoint(run_dir: Path, state: dict, artifacts: dict[str, dict]) -> Path:
@@ -100,9 +208,9 @@ def write_checkpoint(run_dir: Path, state: dict, artifacts: dict[str, dict]) -> 
 
     The new checkpoint is written whole into a temporary directory and swapped in by renames,
     so a kill at any moment leaves either the previous checkpoint or the new one, never half.
+    A write that fails (a full disk) is one error line naming the directory, whichever library
+    wrote the file (safetensors reports its I/O errors as its own exception type).
     """
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
@@ -110,6 +218,7 @@ def write_checkpoint(run_dir: Path, state: dict, artifacts: dict[str, dict]) -> 
     final = run_dir / CHECKPOINT
     partial = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
     try:
+        os.chmod(partial, 0o777 & ~_umask())  # mkdtemp makes it 0700
         # Clones break storage sharing (tied weights), which safetensors refuses to write.
         model = {key: value.detach().cpu().clone().contiguous()
                  for key, value in state["model"].items()}
@@ -123,14 +232,21 @@ def write_checkpoint(run_dir: Path, state: dict, artifacts: dict[str, dict]) -> 
             target = partial / f"{name}.safetensors"
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(target))
+        # Libraries may write through their own temporary files (mode 0600): results are
+        # meant to be shared as the umask says.
+        for written in partial.rglob("*"):
+            os.chmod(written, file_mode() if written.is_file() else 0o777 & ~_umask())
         previous = run_dir / ".checkpoint-previous"
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(final, previous)
         os.replace(partial, final)
         shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, Exception) and not isinstance(error, (OSError, ClError)):
+            raise ClError(f"cannot write the checkpoint in {run_dir}: "
+                          f"{one_line(error)}") from error
         raise
     return final
 
@@ -163,10 +279,13 @@ def is_complete(path: Path) -> bool:
 
 
 def run_status(run_dir: Path) -> str:
-    """"done" (metrics.json), "failed" (error.json), "partial" (started), or "new"."""
+    """"done" (metrics.json), "running" (another process holds it), "failed" (error.json),
+    "partial" (started), or "new"."""
     run_dir = Path(run_dir)
     if is_complete(run_dir):
         return "done"
+    if is_locked(run_dir):
+        return "running"
     if (run_dir / ERROR).is_file():
         return "failed"
     if (run_dir / CONFIG).is_file():

@@ -3,6 +3,7 @@
 Every hook takes explicit arguments and returns a value instead of mutating shared state: a
 strategy never sees the runner, the optimizer or another strategy. The runner calls, per run:
 
+    check(model, stream, joint)          (also called by `build`, before anything is written)
     before_run(model, stream, seed)
     per task:  before_task -> param_groups -> [per step: transform_batch -> loss_terms ->
                (backward, optimizer step) -> after_step] -> after_task
@@ -43,9 +44,18 @@ class Strategy:
 
     name: ClassVar[str] = "strategy"
     config_class: ClassVar[type] = NoConfig
+    # True for a strategy whose `before_task` adds or replaces modules of the model (LoRA's
+    # adapters): a strategy that takes stock of the model's parameters in its own `before_task`
+    # (EMA's shadow) must come after it in a Chain, and says so in `check_composition`.
+    adds_modules: ClassVar[bool] = False
 
     def check_composition(self, chain: tuple[Strategy, ...]) -> None:
         """Raise ValueError if the strategies of `chain` (which holds this one) contradict it."""
+
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        """Raise UsageError if this strategy cannot train `model` on `stream` (`joint`: in one
+        phase over all tasks). No side effects: it runs before a run directory is made, and
+        an ablation runs it over every configuration before any run starts."""
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         """Once before any training; `seed` seeds any randomness the strategy owns."""
@@ -104,6 +114,15 @@ class Strategy:
             raise ValueError(f"strategy {self.name!r} keeps no state but was given {sorted(state)}")
 
 
+def after_module_changes(strategy: Strategy, chain: tuple[Strategy, ...], why: str) -> None:
+    """Raise ValueError when a strategy that adds modules (`adds_modules`) comes after
+    `strategy` in `chain`: `strategy` would take stock of the model before they act (`why`)."""
+    later = [other.name for other in chain[chain.index(strategy) + 1:] if other.adds_modules]
+    if later:
+        raise ValueError(f"{strategy.name} must come after {later[0]} in the chain: {why} "
+                         f"(write --strategy {later[0]} ... before --strategy {strategy.name})")
+
+
 class Chain(Strategy):
     """Several strategies as one: hooks run in the order written, like `optax.chain`.
 
@@ -124,6 +143,10 @@ class Chain(Strategy):
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(repr(strategy) for strategy in self.strategies)})"
+
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        for strategy in self.strategies:
+            strategy.check(model, stream, joint)
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         for strategy in self.strategies:

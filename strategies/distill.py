@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from cl.errors import UsageError, one_line
 from cl.models import device_of, find_head, logits_of, tensor_bytes
-from cl.strategy import Strategy
+from cl.strategy import Strategy, after_module_changes
 from cl.types import Batch, Stream, Task
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,10 @@ class DistillConfig:
             raise ValueError(f"on must be logits or features, got {self.on!r}")
         if self.on == "features" and self.targets == "buffer":
             raise ValueError("on=features needs a teacher model: a buffer stores logits only")
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must not be negative, got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a non-negative number, got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.targets not in ("teacher", "buffer"):
             raise ValueError(f"targets must be teacher or buffer, got {self.targets!r}")
         if self.teacher not in TEACHERS and not Path(self.teacher).is_file():
@@ -98,15 +99,47 @@ class HeadInputs:
 
 
 def load_weights(path: str) -> dict[str, Tensor]:
-    """A state dict from a safetensors file or a torch file (a cl checkpoint's state.pt too)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """A state dict from a safetensors file or a torch file (a cl checkpoint's state.pt too);
+    a file that cannot be read, or holds anything but tensors by name, is one UsageError."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt file: torch's, pickle's or safetensors' own errors
+        raise UsageError(f"cannot read teacher {path}: {one_line(error)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(
+            isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()):
+        held = type(state).__name__ if not isinstance(state, dict) else "a dict of other values"
+        raise UsageError(f"teacher {path} holds {held}, not a state dict (tensors by name)")
     return state
+
+
+def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str | None:
+    """What keeps `given` from loading into a model whose state dict is `expected`: the missing
+    and unexpected keys, else the first shape that differs; None when it fits."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {some(unexpected)}")
+    if problems:
+        return "; ".join(problems)
+    for key, tensor in expected.items():
+        if given[key].shape != tensor.shape:
+            return (f"{key} has shape {tuple(given[key].shape)} in the file but "
+                    f"{tuple(tensor.shape)} in the model")
+    return None
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -142,6 +175,9 @@ class Distill(Strategy):
         return f"Distill({self.config})"
 
     def check_composition(self, chain: tuple[Strategy, ...]) -> None:
+        if self.config.on == "features":
+            after_module_changes(self, chain, "distill:on=features hooks the head before each "
+                                 "task, and a module added after it would replace the head")
         if self.config.targets != "buffer":
             return
         before = chain[:chain.index(self)]
@@ -149,6 +185,17 @@ class Distill(Strategy):
                    for s in before):
             raise ValueError("distill:targets=buffer needs replay:store_logits=true "
                              "earlier in the chain")
+
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        config = self.config
+        if joint and config.targets == "teacher" and config.teacher == "previous":
+            raise UsageError("distill:teacher=previous has no previous task in a --joint run "
+                             "(one phase): use teacher=initial or a file, or train sequentially")
+        if config.targets == "teacher" and config.teacher not in TEACHERS:
+            mismatch = state_dict_mismatch(model.state_dict(), load_weights(config.teacher))
+            if mismatch is not None:
+                raise UsageError(f"teacher {config.teacher} does not fit the model "
+                                 f"{type(model).__name__}: {mismatch}")
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         self.scenario = stream.scenario
@@ -160,12 +207,7 @@ class Distill(Strategy):
         if self.config.teacher == "initial":
             self.new_teacher(model)
         elif self.config.teacher != "previous":
-            self.new_teacher(model)
-            try:
-                self.teacher.load_state_dict(load_weights(self.config.teacher))
-            except (RuntimeError, OSError, ValueError) as error:
-                raise UsageError(f"cannot load teacher {self.config.teacher}: "
-                                 f"{one_line(error)}") from None
+            self.new_teacher(model).load_state_dict(load_weights(self.config.teacher))
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         if self.pending_teacher is not None:

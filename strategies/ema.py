@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from cl.models import tensor_bytes
-from cl.strategy import Strategy
+from cl.models import check_device, tensor_bytes
+from cl.strategy import Strategy, after_module_changes
 from cl.types import Batch, Stream, Task
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,14 @@ class EMA(Strategy):
                 torch._foreach_copy_(self._copied_shadows, self._copied_lives)
 
     # --- hooks ---------------------------------------------------------------------------------
+
+    def check_composition(self, chain: tuple[Strategy, ...]) -> None:
+        after_module_changes(self, chain, "ema takes stock of the trainable weights before each "
+                             "task, and would not shadow the modules added after it")
+
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        if self.config.device is not None:
+            check_device(self.config.device, "ema device")
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         self._shadow = {}

@@ -39,6 +39,8 @@ def parse_lr_mult(items: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 
 @dataclass(frozen=True)
 class FreezeConfig:
+    """What to freeze; with none of patterns, depth, blocks, lr_mult: everything but the head."""
+
     patterns: tuple[str, ...] = ()  # globs on parameter names, e.g. "body.0.*|body.2.*"
     depth: int = 0  # freeze the first `depth` layers (modules holding parameters), input first
     head_only: bool = False  # train the head alone
@@ -58,8 +60,8 @@ class FreezeConfig:
             raise ValueError(f"after_task must not be negative, got {self.after_task}")
         parse_lr_mult(self.lr_mult)
         if not (self.patterns or self.depth or self.blocks or self.head_only or self.lr_mult):
-            raise ValueError("freeze needs at least one of patterns, depth, blocks, head_only, "
-                             "lr_mult")
+            # `freeze` alone, on the CLI as in the library: the linear-probe recipe.
+            object.__setattr__(self, "head_only", True)
 
 
 def layers_with_parameters(model: nn.Module) -> list[str]:
@@ -100,14 +102,18 @@ class Freeze(Strategy):
     config_class: ClassVar[type] = FreezeConfig
 
     def __init__(self, config: FreezeConfig | None = None) -> None:
-        self.config = config if config is not None else FreezeConfig(head_only=True)
+        self.config = config if config is not None else FreezeConfig()
         self.multipliers = parse_lr_mult(self.config.lr_mult)
         self.frozen: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Freeze({self.config})"
 
-    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        phases = 1 if joint else len(stream.tasks)
+        if self.config.after_task >= phases:
+            raise UsageError(f"freeze after_task={self.config.after_task} would never act: the "
+                             f"run trains {phases} phase(s)" + (" (--joint)" if joint else ""))
         names = [name for name, _ in model.named_parameters()]
         checks = [("pattern", p) for p in self.config.patterns]
         checks += [("lr_mult pattern", p) for p, _ in self.multipliers]

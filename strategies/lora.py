@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -32,14 +33,17 @@ class LoRAConfig:
     # Globs on module names; empty: the linear layers of the repeated blocks (attention and
     # feed-forward of a transformer), else every linear/conv layer but the head.
     targets: tuple[str, ...] = ()
-    head: Literal["shared", "per_task"] = "per_task"
+    # None: per_task, or shared with merge (a merged model has one head for every task).
+    head: Literal["shared", "per_task"] | None = None
     merge: bool = False  # fold each adapter into the base after its task: no task id needed
 
     def __post_init__(self) -> None:
+        if self.head is None:
+            object.__setattr__(self, "head", "shared" if self.merge else "per_task")
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.head not in ("shared", "per_task"):
@@ -127,6 +131,7 @@ class LoRA(Strategy):
 
     name: ClassVar[str] = "lora"
     config_class: ClassVar[type] = LoRAConfig
+    adds_modules: ClassVar[bool] = True  # an adapter (and a head copy) per task, in before_task
 
     def __init__(self, config: LoRAConfig | None = None) -> None:
         self.config = config if config is not None else LoRAConfig()
@@ -138,17 +143,23 @@ class LoRA(Strategy):
     def __repr__(self) -> str:
         return f"LoRA({self.config})"
 
-    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
         if stream.scenario == "class" and not self.config.merge:
             raise UsageError("lora picks each task's adapter by task id, which the class "
                              "scenario hides at test time: use --scenario task or domain, "
                              "or lora:merge=true")
+        if joint and not self.config.merge:
+            raise UsageError("lora trains one adapter per task, but --joint trains all tasks "
+                             "as one: train sequentially, or use lora:merge=true (one adapter "
+                             "over all tasks, folded into the model)")
+        if not target_modules(model, self.config.targets, find_head(model)):
+            patterns = "|".join(self.config.targets) or "(every linear or conv layer)"
+            raise UsageError(f"lora targets {patterns} match no adaptable layer of the model")
+
+    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         self.model = model
         self.head = find_head(model)
         self.targets = target_modules(model, self.config.targets, self.head)
-        if not self.targets:
-            patterns = "|".join(self.config.targets) or "(every linear or conv layer)"
-            raise UsageError(f"lora targets {patterns} match no adaptable layer of the model")
 
     def add_adapter(self, model: nn.Module, task_index: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model

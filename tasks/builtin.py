@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import Tensor
 
 from cl.errors import DataError, UsageError
+from cl.sources import HubUnreachable
 from cl.types import Stream, StreamOptions
 from tasks.digits import load_digits
 from tasks.hf import load_image_classification
@@ -172,7 +173,11 @@ def split_hf(options: StreamOptions) -> Stream:
         "image_column": "image", "label_column": "label",
         "train_split": "train", "test_split": "test"})
     source = _require_data("split-hf", options, "a Hugging Face dataset name or local path")
-    return _split("split-hf", options, load_image_classification(source, **settings))
+    try:
+        arrays = load_image_classification(source, **settings)
+    except HubUnreachable as error:
+        raise HubUnreachable(f"{error}; give a local directory with --data") from None
+    return _split("split-hf", options, arrays)
 
 
 # The continual-learning text benchmark of the LoRA-for-CL literature (de Masson d'Autume et al.

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl.errors import DataError, one_line
+from cl.errors import DataError
+from cl.sources import load_dataset
 from tasks.images import to_images
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,12 @@ def load_image_classification(source: str, *, image_column: str = "image",
 
     `source` is a hub name ("ylecun/mnist") or a local directory `load_dataset` understands
     (e.g. train.parquet and test.parquet files). Grayscale or colour images of one shared size
-    become float32 (N, C, H, W) in [0, 1]; labels int64. Every failure is a one-line DataError.
+    become float32 (N, C, H, W) in [0, 1]; labels int64. Every failure is a one-line DataError
+    (a HubUnreachable when the hub does not answer and `source` is not cached).
     """
     import datasets  # slow to import: only when a dataset is actually loaded
 
-    try:
-        dataset = datasets.load_dataset(
-            source, cache_dir=None if cache_dir is None else os.fspath(cache_dir))
-    except Exception as error:  # offline, missing, malformed: each becomes one line
-        raise DataError(f"could not load dataset {source!r}: {one_line(error)}") from None
+    dataset = load_dataset(source, cache_dir)
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"dataset {source!r} did not load as named splits")
     arrays = []

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cl.errors import DataError, UsageError, one_line
 from cl.sampling import cap_seed, stratified_indices
+from cl.sources import HubUnreachable, load_dataset
 from cl.types import Split, Stream, Task
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,11 @@ def load_splits(source: TextSource) -> Any:
         raise DataError(f"{source.name}: {path} is a file; give a directory holding train and "
                         "test files (.jsonl, .csv or .parquet)")
     try:
-        dataset = datasets.load_dataset(str(path) if path.is_dir() else source.source)
-    except Exception as error:  # offline, missing, malformed: each becomes one line
-        raise DataError(f"{source.name}: could not load dataset {source.source!r}: "
-                        f"{one_line(error)}") from None
+        dataset = load_dataset(source.source)
+    except HubUnreachable as error:
+        raise HubUnreachable(f"{source.name}: {error}; give local copies with --data") from None
+    except DataError as error:
+        raise DataError(f"{source.name}: {error}") from None
     if not isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{source.name}: dataset {source.source!r} did not load as named splits")
     for split in (source.train_split, source.test_split):
@@ -141,6 +143,12 @@ def load_raw_task(source: TextSource, train_cap: int | None, test_cap: int | Non
               for split in (source.train_split, source.test_split)}
     if names is None:
         # No names anywhere: the sorted distinct values of both splits are the classes.
+        for split, rows in values.items():
+            odd = next((value for value in rows if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (str, int)))), None)
+            if odd is not None:
+                raise DataError(f"{source.name} ({split}): label {odd!r} is neither a name nor "
+                                "an integer id")
         distinct = {value for split in values.values() for value in split}
         if any(value is None for value in distinct):
             raise DataError(f"{source.name}: column {source.label_column!r} has empty labels")

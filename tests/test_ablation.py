@@ -75,8 +75,12 @@ lr = [0.01, 0.1]
     ("[base]\nepoch = 1\n[grid]\nlr = [0.1]\n", "unknown key 'epoch' in [base]"),
     ("[grid]\nlearning_rate = [0.1]\n", "unknown key 'learning_rate' in [grid]"),
     ("[base]\nseed = 1\n[grid]\nlr = [0.1]\n", "sets 'seed'"),
-    ("seeds = [0]\n[base]\nepochs = 1\n", "the grid of"),
-    ("seeds = [0]\n[grid]\n", "the grid of"),
+    # Found by building each configuration's stream and model, before any run starts.
+    ('[grid]\nstrategy = [[], ["freeze:blocks=1"]]\n', "no repeated blocks"),
+    ('[base]\nscenario = "class"\n[grid]\nstrategy = [["lora"]]\n', "task id"),
+    ('[grid]\nstrategy = [["ema:device=meta"]]\n', "ema device 'meta' cannot train"),
+    ("[grid]\nhidden = [[0]]\n", "hidden sizes must be positive"),
+    ("[base]\nbatch-size = 8\nbatch_size = 16\n[grid]\nlr = [0.1]\n", "one setting"),
     ("[grid]\nlr = []\n", "[grid] lr"),
     ("[grid]\nlr = 0.1\n", "must be a list of values"),
     ("seeds = []\n[grid]\nlr = [0.1]\n", "'seeds'"),
@@ -97,6 +101,17 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and message in error, error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_spec_without_a_grid_runs_its_base_over_the_seeds(tmp_path, capsys):
+    spec = write(tmp_path / "spec.toml", "seeds = [0, 1]\n[base]\nepochs = 1\n")
+    jobs = expand(read_spec(spec), tmp_path / "out")
+    assert [job.config.seed for job in jobs] == [0, 1]
+    assert {job.configuration for job in jobs} == {jobs[0].configuration}
+    assert jobs[0].name.startswith("base-") and jobs[0].config.epochs == 1
+    assert cl("ablate", spec, "--out", tmp_path / "out", "--workers", "1") == 0
+    assert "2 runs in" in capsys.readouterr().out
+    assert all((job.run_dir / "metrics.json").is_file() for job in jobs)
 
 
 def test_bad_flags_and_a_missing_spec_are_usage_errors(tmp_path, capsys):

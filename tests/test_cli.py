@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cl import store
 from cli import main
 
 FAST = ["--epochs", "1", "--batch-size", "32"]
@@ -38,7 +39,7 @@ def test_run_prints_the_matrix_and_writes_a_complete_run(tmp_path, capsys):
                    f"run saved in {out}"):
         assert needle in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint", "config.json", "events.jsonl", "matrix.csv", "metrics.json"]
+        ".cl-run", "checkpoint", "config.json", "events.jsonl", "matrix.csv", "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_matrix", "initial_accuracy", "acc", "bwt", "fwt", "forgetting",
                 "learning_accuracy", "min_acc", "wc_acc", "train_seconds", "eval_seconds",
@@ -114,8 +115,8 @@ BAD_INPUTS = [
     (["--scenario", "sideways"], "unknown scenario 'sideways'"),
     (["--batch-size", "0"], "batch_size must be positive, got 0"),
     (["--epochs", "-1"], "epochs must be positive, got -1"),
-    (["--lr", "-0.1"], "lr must be a positive number, got -0.1"),
-    (["--hidden", "100,0"], "hidden sizes must be positive, got 0"),
+    (["--lr", "-0.1"], "lr must be a positive number up to 3.40e+38, got -0.1"),
+    (["--hidden", "100,0"], "hidden sizes must be positive, got [100, 0]"),
     (["--hidden", "100,x"], "bad value 'x' for cl run setting 'hidden'"),
     (["--num-tasks", "0"], "num_tasks must be positive, got 0"),
     (["--classes-per-task", "3"], "3 does not divide"),
@@ -127,6 +128,15 @@ BAD_INPUTS = [
     (["--epochs", "abc"], "bad value 'abc' for cl run setting 'epochs': expected an integer"),
     (["--lr", "fast"], "bad value 'fast' for cl run setting 'lr': expected a number"),
     (["--epochz", "3"], "--epochz"),
+    (["--device", "meta"], "device 'meta' cannot train"),
+    (["--device", "mps"], "device 'mps' asked for but MPS is not available"),
+    (["--lr", "1e308"], "lr must be a positive number up to 3.40e+38, got 1e+308"),
+    (["--momentum", "nan"], "bad value 'nan' for cl run setting 'momentum'"),
+    (["--weight-decay", "inf"], "bad value 'inf' for cl run setting 'weight_decay'"),
+    (["--seed", str(2**70)], f"seed must be an integer from 0 to 2**63 - 1, got {2**70}"),
+    (["--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--eval-batch-size", "0"], "eval_batch_size must be positive, got 0"),
+    (["--log-every", "0"], "log_every must be positive, got 0"),
 ]
 
 
@@ -140,7 +150,53 @@ def test_bad_input_is_one_line_exit_2_and_no_finished_run(tmp_path, capsys, bad_
     assert err.startswith("error: ") and "\n" not in err, err
     assert "Traceback" not in err
     assert message in err
-    assert not (out / "metrics.json").exists()
+    assert not out.exists()  # every input is checked before the run directory is made
+
+
+BAD_CONFIG_FILES = [
+    (b"epochs = 1\x00\xff\xfe binary\n", "is not text (it is not UTF-8)"),
+    (b"batch-size = 8\nbatch_size = 16\n", "sets 'batch-size' and 'batch_size'"),
+    (b"[strategy]\nreplay = {capacity = 10}\n", "setting 'strategy': expected a list"),
+    (b"hidden = [[100]]\n", "bad value [100] for cl run setting 'hidden'"),
+    (b"lr = {value = 0.1}\n", "setting 'lr': expected a number, got a table"),
+    (b"seed = 100000000000000000000\n", "seed must be an integer from 0 to 2**63 - 1"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_CONFIG_FILES,
+                         ids=[message for _, message in BAD_CONFIG_FILES])
+def test_a_config_file_that_cannot_be_read_as_settings_is_one_line(tmp_path, capsys, content,
+                                                                    message):
+    config = tmp_path / "run.toml"
+    config.write_bytes(content)
+    assert cl("run", "--config", config, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_too_large_for_the_machine_is_one_line_naming_the_size(tmp_path, capsys):
+    assert cl("run", "--hidden", "100000000000", "--out", tmp_path / "run", *FAST) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: not enough memory for model 'mlp' with hidden sizes "
+                          "100000000000 (") and "GB asked for one tensor)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_joint_training_with_one_adapter_per_task_is_refused(tmp_path, capsys):
+    # Only adapter task0 would exist: tasks 1.. would be evaluated on the untrained base.
+    out = tmp_path / "run"
+    assert cl("run", "--joint", "--scenario", "task", "--strategy", "lora", "--out", out,
+              *FAST) == 2
+    assert "lora trains one adapter per task, but --joint" in capsys.readouterr().err
+    assert not out.exists()
+    # One adapter over all tasks, folded into the model, is what a joint run can train.
+    assert cl("run", "--joint", "--scenario", "task", "--strategy", "lora:merge=true",
+              "--out", out, *FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Every task was trained: each one beats its accuracy before training.
+    assert all(after > before for after, before in
+               zip(metrics["accuracy_matrix"][0], metrics["initial_accuracy"], strict=True))
 
 
 def test_bad_config_file_keys(tmp_path, capsys):
@@ -184,7 +240,8 @@ def test_full_disk_is_one_line_and_leaves_no_metrics(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err == "error: No space left on device"
     assert not (out / "metrics.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # No temporary file left; only cl's mark of its own run directory.
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [store.MARKER]
 
 
 def test_console_script_help_is_fast_and_loads_no_torch():
@@ -247,13 +304,46 @@ def test_each_strategy_and_all_five_run_from_the_cli(tmp_path, specs, scenario, 
     (["replay:capacity=0"], "capacity"),
     (["ema:decay=1.5"], "decay"),
     (["ema:eval_with=shadow"], "'shadow'"),
-    (["freeze"], "at least one"),
     (["lora:rnak=4"], "'rnak'"),
     (["lora"], "task id"),
+    # Found only once the stream and the model are built, still before the run directory.
+    (["freeze:blocks=1"], "no repeated blocks"),
+    (["freeze:patterns=nothing.*"], "'nothing.*' matches no parameter"),
+    (["freeze:after_task=5"], "would never act"),
+    (["ema:device=meta"], "ema device 'meta' cannot train"),
+    # EMA or feature distillation before LoRA would miss the modules LoRA adds.
+    (["ema:decay=0.9,eval_with=both", "lora:rank=4"], "ema must come after lora"),
+    (["distill:on=features", "lora:merge=true"], "distill must come after lora"),
+    # Settings that are not finite are refused when parsed.
+    (["distill:alpha=inf"], "'inf' for strategy 'distill' setting 'alpha'"),
+    (["distill:temperature=inf"], "expected a finite number"),
+    (["lora:alpha=inf,merge=true"], "expected a finite number"),
 ])
 def test_bad_strategy_settings_and_contradictions_are_one_line(tmp_path, capsys, specs, needle):
     args = [arg for spec in specs for arg in ("--strategy", spec)]
     assert cl("run", "--out", tmp_path / "run", *FAST, *args) == 2
     error = capsys.readouterr().err
     assert needle in error and error.count("\n") == 1
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_the_advice_for_lora_in_the_class_scenario_works_as_given(tmp_path, capsys):
+    assert cl("run", "--strategy", "lora", "--out", tmp_path / "refused", *FAST) == 2
+    error = capsys.readouterr().err
+    advice = "lora:merge=true"
+    assert advice in error
+    assert cl("run", "--strategy", advice, "--out", tmp_path / "run", *FAST) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["scenario"] == "class"
+
+
+def test_the_run_table_shows_emas_live_figures_beside_the_averaged_ones(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cl("run", "--strategy", "ema:decay=0.9,eval_with=both", "--out", out, *FAST) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    live = metrics["variants"]["live"]
+    row = next(line for line in printed.splitlines() if "ACC (final average)" in line)
+    cells = [cell.strip() for cell in row.split("│")[2:-1]]
+    assert cells == [f"{100 * value:.2f}" for value in (
+        metrics["acc"], metrics["task_il"]["acc"], live["acc"], live["task_il"]["acc"])]
+    assert "class-IL, live" in printed and "task-IL, live" in printed

@@ -126,14 +126,17 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_run_dir_refuses_a_finished_run(tmp_path):
-    run_dir = store.prepare_run_dir(tmp_path / "run")
-    store.write_json(run_dir / store.CONFIG, {})
+    run_dir = tmp_path / "run"
+    with store.lock_run_dir(run_dir):
+        store.write_json(run_dir / store.CONFIG, {})
     assert not store.is_complete(run_dir)
-    store.prepare_run_dir(run_dir)  # an unfinished run is cleared and reused
+    with store.lock_run_dir(run_dir):  # an unfinished run of cl's is cleared and reused
+        store.clear_unfinished(run_dir)
     assert not (run_dir / store.CONFIG).exists()
     store.write_json(run_dir / store.METRICS, {})
-    with pytest.raises(UsageError, match="already holds a finished run"):
-        store.prepare_run_dir(run_dir)
+    with store.lock_run_dir(run_dir), pytest.raises(UsageError,
+                                                    match="already holds a finished run"):
+        store.clear_unfinished(run_dir)
 
 
 def test_models_shapes_init_and_seeding():

@@ -173,3 +173,62 @@ def test_buffer_targets_distil_replayed_rows_toward_stored_logits():
     values = [terms["kl"] for _, terms in probe.terms if terms]
     assert len(values) >= len(probe.terms) - 1  # every step once the buffer holds rows
     assert all(v >= 0 for v in values) and max(values) > 0
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: torch.save(torch.zeros(3), path), "holds Tensor, not a state dict"),
+    (lambda path: torch.save([torch.zeros(3)], path), "holds list, not a state dict"),
+    (lambda path: torch.save({"0.weight": "text"}, path), "holds a dict of other values"),
+    (lambda path: path.write_bytes(b"not a torch file"), "cannot read teacher"),
+])
+def test_a_teacher_file_that_is_not_a_state_dict_is_one_line(tmp_path, write, message):
+    stream = blob_stream()
+    path = tmp_path / "teacher.pt"
+    write(path)
+    distill = Distill(DistillConfig(teacher=str(path)))
+    with pytest.raises(UsageError, match=message) as raised:
+        distill.check(tiny_model(stream), stream, False)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_corrupt_safetensors_teacher_is_one_line(tmp_path):
+    stream = blob_stream()
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model(stream).state_dict().items()}, str(path))
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(UsageError, match=f"cannot read teacher {path}: "):
+        Distill(DistillConfig(teacher=str(path))).check(tiny_model(stream), stream, False)
+
+
+def test_a_teacher_of_another_architecture_names_what_differs(tmp_path):
+    stream = blob_stream()
+    model = tiny_model(stream)  # 0.weight (16, 6), 0.bias, 2.weight (4, 16), 2.bias
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    cases = [
+        ({**state, "3.weight": torch.zeros(2)}, "unexpected 3.weight"),
+        ({k: v for k, v in state.items() if k != "2.bias"}, "missing 2.bias"),
+        ({**state, "0.weight": torch.zeros(16, 7)},
+         "0.weight has shape (16, 7) in the file but (16, 6) in the model"),
+    ]
+    for index, (weights, message) in enumerate(cases):
+        path = tmp_path / f"teacher{index}.safetensors"
+        save_file(weights, str(path))
+        with pytest.raises(UsageError, match=r"does not fit the model Sequential: ") as raised:
+            Distill(DistillConfig(teacher=str(path))).check(model, stream, False)
+        assert message in str(raised.value)
+
+
+def test_feature_distillation_must_come_after_lora():
+    from strategies import LoRA, LoRAConfig
+
+    with pytest.raises(ValueError, match="distill must come after lora"):
+        Chain(Distill(DistillConfig(on="features")), LoRA(LoRAConfig()))
+    Chain(LoRA(LoRAConfig()), Distill(DistillConfig(on="features")))
+    Chain(Distill(DistillConfig()), LoRA(LoRAConfig()))  # logits: no hook to miss
+
+
+def test_a_joint_run_has_no_previous_task_to_distil_from():
+    stream = blob_stream()
+    with pytest.raises(UsageError, match="no previous task in a --joint run"):
+        Distill(DistillConfig()).check(tiny_model(stream), stream, True)
+    Distill(DistillConfig(teacher="initial")).check(tiny_model(stream), stream, True)

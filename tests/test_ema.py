@@ -319,3 +319,37 @@ def test_end_to_end_run_trains_like_naive_and_evaluates_the_shadow():
     live_only = run(tiny_model(STREAM), STREAM, EMA(EMAConfig(decay=0.9, eval_with="live")),
                     config)
     assert (live_only.accuracy == naive.accuracy).all()
+
+
+def test_ema_before_lora_is_refused_since_it_would_not_shadow_the_adapters():
+    from strategies import LoRA, LoRAConfig
+
+    with pytest.raises(ValueError, match="ema must come after lora in the chain"):
+        Chain(EMA(EMAConfig()), LoRA(LoRAConfig()))
+    Chain(LoRA(LoRAConfig()), EMA(EMAConfig()))  # the documented order
+
+
+def test_every_view_of_a_run_is_measured_at_the_same_points(tmp_path):
+    # With decay 0 the shadow is the live weights after every step: both views must agree on
+    # every figure, the curve-based ones (min-ACC, WC-ACC) included, task-IL as well.
+    import numpy as np
+
+    from cl import metrics as measures
+    from cl.experiment import execute, make_config
+
+    config = make_config({"epochs": 2, "eval_every": 1, "lr": 0.5,
+                          "strategy": ["ema:decay=0,eval_with=both"]})
+    _, metrics = execute(config, tmp_path / "run", checkpoint=False)
+    live, curve = metrics["variants"]["live"], metrics["curve"]
+    for key in ("acc", "bwt", "min_acc", "wc_acc", "forgetting"):
+        assert live[key] == metrics[key], key
+        assert live["task_il"][key] == metrics["task_il"][key], key
+    # Task-IL min-ACC comes from the task-IL curve, like the class-IL one from its curve: here
+    # it dips between task ends below anything the after-task rows show.
+    ends = curve["task_end_steps"]
+    assert len(curve["steps"]) > len(ends)
+    task_il = metrics["task_il"]
+    assert task_il["min_acc"] == measures.min_accuracy(curve["steps"], curve["task_accuracy"],
+                                                       ends)
+    assert task_il["min_acc"] < measures.min_accuracy(
+        ends, np.array(task_il["accuracy_matrix"]), ends)

@@ -118,7 +118,7 @@ def test_bn_eval_keeps_frozen_batchnorm_statistics():
 
 
 @pytest.mark.parametrize("params, word", [
-    ({}, "at least one"), ({"depth": "-1"}, "depth"), ({"lr_mult": "head.*"}, "lr_mult"),
+    ({"depth": "-1"}, "depth"), ({"lr_mult": "head.*"}, "lr_mult"),
     ({"lr_mult": "head.*=x"}, "'x'"), ({"lr_mult": "head.*=-2"}, "positive"),
     ({"after_task": "-1"}, "after_task")])
 def test_bad_settings_are_named(params, word):
@@ -126,7 +126,18 @@ def test_bad_settings_are_named(params, word):
         parse_config(FreezeConfig, params, owner="strategy 'freeze'")
 
 
+def test_freeze_without_settings_means_the_head_alone_in_the_cli_and_the_library():
+    from_cli = parse_config(FreezeConfig, {}, owner="strategy 'freeze'")
+    assert from_cli == Freeze().config == FreezeConfig(head_only=True)
+    stream = blob_stream()
+    model = mlp(stream)
+    strategy = Freeze(from_cli)
+    strategy.before_task(model, stream.tasks[0])
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == \
+        {"head.weight", "head.bias"}
+
+
 def test_a_pattern_matching_nothing_is_an_error_naming_it():
     stream = blob_stream()
     with pytest.raises(UsageError, match="'encoder.*'"):
-        Freeze(FreezeConfig(patterns=("encoder.*",))).before_run(mlp(stream), stream, 0)
+        Freeze(FreezeConfig(patterns=("encoder.*",))).check(mlp(stream), stream, False)

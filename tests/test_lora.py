@@ -117,7 +117,7 @@ def test_adapters_save_and_load_on_their_own(tmp_path):
 def test_class_scenario_needs_merge():
     stream = blob_stream(scenario="class")
     with pytest.raises(UsageError, match="task id"):
-        LoRA(LoRAConfig()).before_run(mlp(stream), stream, 0)
+        LoRA(LoRAConfig()).check(mlp(stream), stream, False)
 
 
 def test_merge_folds_each_adapter_into_the_base():
@@ -136,11 +136,12 @@ def test_merge_folds_each_adapter_into_the_base():
 def test_targets_matching_nothing_are_named():
     stream = blob_stream(scenario="task")
     with pytest.raises(UsageError, match="attention"):
-        LoRA(LoRAConfig(targets=("attention*",))).before_run(mlp(stream), stream, 0)
+        LoRA(LoRAConfig(targets=("attention*",))).check(mlp(stream), stream, False)
 
 
 def test_bad_settings():
-    for bad in ({"rank": 0}, {"alpha": -1.0}, {"dropout": 1.0}, {"merge": True}):
+    for bad in ({"rank": 0}, {"alpha": -1.0}, {"alpha": float("inf")}, {"dropout": 1.0},
+                {"merge": True, "head": "per_task"}):
         with pytest.raises(ValueError):
             LoRAConfig(**bad)
 

@@ -142,7 +142,7 @@ def test_figures_draw_the_numbers_of_the_runs(runs):
     steps = group.runs[0].metrics["curve"]["steps"]
     assert list(curve.get_lines()[0].get_xdata()) == steps and len(steps) > len(ends)
     report = build_report([runs])
-    bars = plot_bars(report.groups, report.rows).axes[0]
+    bars = plot_bars(report.rows).axes[0]
     widths = [patch.get_width() for patch in bars.patches]
     assert np.allclose(widths, [row["acc"].mean for row in report.rows])
 
@@ -175,8 +175,160 @@ def test_report_rejects_what_it_cannot_read(runs, tmp_path, capsys):
     broken.mkdir(parents=True)
     (broken / "config.json").write_text("{}")
     (broken / "metrics.json").write_text("{not json")
-    assert cl("report", broken.parent) != 0
-    assert "metrics.json" in capsys.readouterr().err
+    # With no run it can read, the report says why in its one line.
+    assert cl("report", broken.parent) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no finished runs") and error.count("\n") == 1
+    assert f"unreadable {broken / 'metrics.json'}: Expecting property name" in error
+
+
+def _without(data, key):
+    return {name: value for name, value in data.items() if name != key}
+
+
+# (file, change, what the error line says): files no run writes, but a hand edit or another
+# tool's output can; each is a field the report or its figures read.
+UNREADABLE = {
+    "metrics-empty": ("metrics.json", lambda m: {}, "task_names is missing"),
+    "metrics-a-list": ("metrics.json", lambda m: [m], "is not a JSON object"),
+    "metrics-not-json": ("metrics.json", lambda m: "{not json", "Expecting property name"),
+    "acc-a-string": ("metrics.json", lambda m: {**m, "acc": "high"},
+                     "acc is 'high', expected a number or null"),
+    "matrix-of-strings": ("metrics.json", lambda m: {**m, "accuracy_matrix": [["high"] * 5] * 5},
+                          "accuracy_matrix is [['high'"),
+    "matrix-a-row-short": ("metrics.json",
+                           lambda m: {**m, "accuracy_matrix": m["accuracy_matrix"][:-1]},
+                           "expected 5 rows of 5 accuracies"),
+    "time-a-string": ("metrics.json", lambda m: {**m, "train_seconds": "1s"}, "train_seconds"),
+    "memory-a-list": ("metrics.json", lambda m: {**m, "peak_rss_mb": [1]}, "peak_rss_mb is [1]"),
+    "curve-a-step-short": ("metrics.json", lambda m: {**m, "curve": {
+        **m["curve"], "accuracy": m["curve"]["accuracy"][1:]}}, "curve is"),
+    "curve-missing": ("metrics.json", lambda m: _without(m, "curve"), "curve is missing"),
+    "variant-a-string": ("metrics.json", lambda m: {**m, "variants": {"live": {
+        **m, "min_acc": "low"}}}, "variants.live.min_acc is 'low'"),
+    "variants-a-list": ("metrics.json", lambda m: {**m, "variants": ["live"]},
+                        "variants is ['live'], expected an object"),
+    "seed-missing": ("config.json", lambda c: _without(c, "seed"), "seed is missing"),
+    "seed-a-string": ("config.json", lambda c: {**c, "seed": "1"}, "seed is '1'"),
+    "config-a-list": ("config.json", lambda c: [c], "is not a JSON object"),
+    "strategy-not-names": ("config.json", lambda c: {**c, "strategy": [1]}, "strategy is [1]"),
+}
+
+
+@pytest.mark.parametrize(("file", "change", "problem"), UNREADABLE.values(), ids=UNREADABLE)
+def test_a_run_it_cannot_read_is_listed_and_the_others_reported(runs, tmp_path, capsys, file,
+                                                               change, problem):
+    root = tmp_path / "runs"
+    good, bad = root / "naive-00000000-seed0", root / "naive-00000000-seed1"
+    shutil.copytree(runs / good.name, good)
+    shutil.copytree(runs / bad.name, bad)
+    changed = change(json.loads((bad / file).read_text()))
+    (bad / file).write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    found = find_runs([root])
+    assert [run.path for run in found.runs] == [good]
+    [(path, error)] = found.failed
+    assert path == bad and error.startswith(f"unreadable {bad / file}: ") and problem in error
+    assert "\n" not in error
+    out = tmp_path / "report"
+    assert cl("report", root, "--out", out) == 0
+    assert "0 unfinished, 1 failed" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["failed"] == [{"run": str(bad),
+                                                                         "error": error}]
+    assert f"naive-00000000-seed1 ({error})" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"runs": 3}', '{"runs": {"a": 1}}', '{"runs": [{}]}',
+                                      '{"runs": [{"name": ["x"]}]}', "{not json"])
+def test_a_manifest_it_cannot_follow_only_costs_the_grid_order(runs, tmp_path, manifest):
+    root = tmp_path / "ablation"
+    for seed in (0, 1):
+        shutil.copytree(runs / f"naive-00000000-seed{seed}", root / f"naive-00000000-seed{seed}")
+    (root / "ablation.json").write_text(json.dumps(
+        {"runs": [{"name": "naive-00000000-seed1"}, {"name": "naive-00000000-seed0"}]}))
+    assert [run.seed for run in find_runs([root]).runs] == [1, 0]  # the grid's order
+    (root / "ablation.json").write_text(manifest)
+    found = find_runs([root])
+    assert [run.seed for run in found.runs] == [0, 1] and found.failed == []  # the paths' order
+    assert build_report([root]).rows[0]["acc"].n == 2
+
+
+def test_a_report_over_an_earlier_one_leaves_none_of_its_stale_files(runs, tmp_path):
+    out = tmp_path / "report"
+    assert cl("report", runs, "--out", out, "--html") == 0
+    assert (out / "report.html").is_file()
+    assert (out / "figures" / "ema-decay0.9-11111111-curve.png").is_file()
+    # Files the report does not name stay, wherever they are.
+    theirs = [out / "notes.txt", out / "figures" / "mine-matrix.png", out / "keep.png"]
+    for path in theirs:
+        path.write_text("not the report's")
+    assert cl("report", runs, "--out", out, "--compare", "naive,ema") == 0
+    assert not (out / "report.html").exists()
+    data = json.loads((out / "report.json").read_text())
+    data["figures"].append("../keep.png")  # an edited list must not reach out of figures/
+    (out / "report.json").write_text(json.dumps(data))
+    naive = [runs / f"naive-00000000-seed{seed}" for seed in (0, 1, 2)]
+    assert cl("report", *naive, "--out", out) == 0  # the EMA configuration is gone
+    assert sorted(path.name for path in (out / "figures").iterdir()) == sorted([
+        "configurations.png", "mine-matrix.png",
+        *(f"naive-00000000-{kind}.png" for kind in ("matrix", "tasks", "curve"))])
+    assert all(path.read_text() == "not the report's" for path in theirs)
+    assert json.loads((out / "report.json").read_text())["figures"] == [
+        "configurations.png", *(f"naive-00000000-{kind}.png" for kind in ("matrix", "tasks",
+                                                                          "curve"))]
+
+
+@pytest.fixture(scope="module")
+def ema_both(tmp_path_factory):
+    """2 seeds of EMA that also records the live weights' matrix (metrics.json "variants")."""
+    root = tmp_path_factory.mktemp("ema-both")
+    for seed in (0, 1):
+        execute(make_config({**TINY, "strategy": ["ema:decay=0.9,eval_with=both"],
+                             "seed": seed}), root / f"ema-both-seed{seed}", checkpoint=False)
+    return root
+
+
+def test_the_live_weights_of_ema_get_a_row_beside_the_ema_one(ema_both, tmp_path, capsys):
+    report = build_report([ema_both])
+    [group] = report.groups
+    [live] = group.variants
+    label = "ema:decay=0.9,eval_with=both"
+    assert (live.name, live.label, live.variant) == ("ema-both-live", f"{label} [live weights]",
+                                                     "live")
+    assert [row["label"] for row in report.rows] == [label, f"{label} [live weights]"]
+    metrics = [json.loads((run.path / "metrics.json").read_text()) for run in group.runs]
+    ema_row, live_row = report.rows
+    assert ema_row["acc"].mean == pytest.approx(100 * np.mean([m["acc"] for m in metrics]))
+    for key in ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "min_acc"):
+        values = 100 * np.array([m["variants"]["live"][key] for m in metrics])
+        assert live_row[key].n == 2 and live_row[key].mean == pytest.approx(values.mean())
+        assert live_row[key].std == pytest.approx(values.std(ddof=1))
+    assert live_row["time_seconds"].mean == ema_row["time_seconds"].mean  # the same runs' cost
+    live_matrix = 100 * np.mean([m["variants"]["live"]["accuracy_matrix"] for m in metrics], 0)
+    assert not np.allclose(live_matrix, 100 * np.mean([m["accuracy_matrix"] for m in metrics], 0))
+    assert np.allclose(plot_matrix(live).axes[0].images[0].get_array(), live_matrix)
+    # "ema" still names the EMA configuration; its live weights are asked for by their name.
+    assert select_group(report.groups, "ema") is group
+    assert select_group(report.groups, "live") is live
+
+    out = tmp_path / "report"
+    assert cl("report", ema_both, "--out", out, "--compare", "ema-both,live") == 0
+    assert "2 runs" in capsys.readouterr().out  # the runs, not the rows, are counted
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(row["configuration"], row["label"]) for row in rows] == [
+        ("ema-both", label), ("ema-both-live", f"{label} [live weights]")]
+    assert float(rows[1]["acc_mean"]) == pytest.approx(live_row["acc"].mean)
+    data = json.loads((out / "report.json").read_text())
+    assert [c["variant"] for c in data["configurations"]] == [None, "live"]
+    assert data["configurations"][1]["bwt"]["mean"] == pytest.approx(live_row["bwt"].mean)
+    acc = next(c for c in data["comparisons"] if c["metric"] == "acc")
+    assert (acc["a"], acc["b"]) == ("ema-both", "ema-both-live")
+    assert acc["difference"]["mean"] == pytest.approx(100 * np.mean(
+        [m["variants"]["live"]["acc"] - m["acc"] for m in metrics]))
+    markdown = (out / "report.md").read_text()
+    assert f"| {label} [live weights] | 2 |" in markdown and "`ema-both-live`" in markdown
+    figures = {path.name for path in (out / "figures").iterdir()}
+    assert {"ema-both-live-matrix.png", "ema-both-live-tasks.png"} <= figures
+    assert "ema-both-live-curve.png" not in figures  # measured after each task only
 
 
 @settings(max_examples=50, deadline=None)
