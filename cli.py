@@ -292,17 +292,30 @@ def report_command(
 @app.command("list")
 def list_command() -> None:
     """Show the task streams, strategies and models cl knows (built-in and installed)."""
+    from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
     from cl import registry
+    from cl.errors import ClError
 
     console = _console()
-    kinds = (("stream", "Task streams (--tasks)"), ("strategy", "Strategies (--strategy)"),
+    kinds = (("stream", "Task streams (--tasks)"),
+             ("strategy", "Strategies (--strategy name:key=value,...)"),
              ("model", "Models (--model)"))
     for kind, title in kinds:
         table = Table(title=title, title_justify="left", show_header=False, box=None)
         for name in registry.names(kind):
-            table.add_row(name, registry.describe(registry.load(kind, name)))
+            # A plugin that fails to load is listed as such: the rest of the listing still helps.
+            try:
+                description = registry.describe_entry(kind, name)
+                settings = registry.strategy_settings(name) if kind == "strategy" else ()
+            except ClError as error:
+                description, settings = f"(not loadable: {error})", ()
+            # Text, not markup: docstrings and annotations hold brackets (`tuple[str, ...]`).
+            table.add_row(Text(name), Text(description))
+            for setting in settings:
+                table.add_row("", Padding(Text(_setting_line(setting)), (0, 0, 0, 2)))
         console.print(table)
         console.print()
 
@@ -408,6 +421,15 @@ def main(argv: list[str] | None = None) -> None:
     except _typer_errors() as error:  # unknown flags, missing values: the parser's own errors
         print(f"error: {error.format_message()}", file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2))
+
+
+def _setting_line(setting) -> str:
+    """`key (type, default VALUE): help`, one line of a strategy in `cl list`."""
+    from cl.registry import REQUIRED
+
+    default = REQUIRED if setting.default == REQUIRED else f"default {setting.default}"
+    line = f"{setting.name} ({setting.type}, {default})"
+    return f"{line}: {setting.help}" if setting.help else line
 
 
 if __name__ == "__main__":

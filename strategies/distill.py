@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cl.errors import UsageError, one_line
 from cl.models import device_of, find_head, logits_of, tensor_bytes
 from cl.strategy import Strategy, after_module_changes
-from cl.types import Batch, Stream, Task
+from cl.types import Batch, Stream, Task, check_hook_arguments
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,10 @@ TEACHERS = ("previous", "initial")
 @dataclass(frozen=True)
 class DistillConfig:
     alpha: float = 1.0  # weight of the distillation term
-    temperature: float = 2.0
-    teacher: str = "previous"  # previous | initial | a path to weights (.safetensors, .pt)
-    targets: Literal["teacher", "buffer"] = "teacher"
+    temperature: float = 2.0  # softens both distributions; the term is scaled by its square
+    # previous | initial | a path to weights (.safetensors, .pt); config.json stores it absolute
+    teacher: str = field(default="previous", metadata={"path": True})
+    targets: Literal["teacher", "buffer"] = "teacher"  # a teacher model, or logits replay stored
     on: Literal["logits", "features"] = "logits"  # what is matched: outputs, or head inputs
 
     def __post_init__(self) -> None:
@@ -170,6 +171,10 @@ class Distill(Strategy):
         self.pending_teacher: dict[str, Tensor] | None = None
         self.student_features: HeadInputs | None = None
         self.teacher_features: HeadInputs | None = None
+        # Set by before_run from the stream: which classes each task uses, and has seen so far.
+        self.scenario: str | None = None
+        self.class_mask: Tensor | None = None
+        self.seen_mask: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"Distill({self.config})"
@@ -198,6 +203,7 @@ class Distill(Strategy):
                                  f"{type(model).__name__}: {mismatch}")
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        check_hook_arguments("distill.before_run", model=model, stream=stream, seed=seed)
         self.scenario = stream.scenario
         self.class_mask = stream.class_mask().to(device_of(model))
         # Row t: the classes of tasks 0..t, what a model trained through task t has seen.
@@ -210,6 +216,7 @@ class Distill(Strategy):
             self.new_teacher(model).load_state_dict(load_weights(self.config.teacher))
 
     def before_task(self, model: nn.Module, task: Task) -> None:
+        check_hook_arguments("distill.before_task", model=model, task=task)
         if self.pending_teacher is not None:
             # A resumed run: the model is whole again, so the teacher can take its shape.
             self.new_teacher(model).load_state_dict(self.pending_teacher)
@@ -220,6 +227,7 @@ class Distill(Strategy):
             self.student_features = HeadInputs(model)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
+        check_hook_arguments("distill.after_task", model=model, task=task)
         self.seen_tasks = task.index + 1
         if self.config.targets == "teacher" and self.config.teacher == "previous":
             self.new_teacher(model)
@@ -247,6 +255,11 @@ class Distill(Strategy):
 
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:
+        check_hook_arguments("distill.loss_terms", model=model, batch=batch, logits=logits,
+                             task=task)
+        if self.class_mask is None:
+            raise RuntimeError("distill.loss_terms: call before_run(model, stream, seed) first; "
+                               "it reads the stream's classes")
         config = self.config
         if config.targets == "buffer":
             if batch.stored_logits is None or batch.replayed is None:

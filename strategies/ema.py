@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cl.models import check_device, tensor_bytes
 from cl.strategy import Strategy, after_module_changes
-from cl.types import Batch, Stream, Task
+from cl.types import Batch, Stream, Task, check_hook_arguments
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class EMAConfig:
     decay: float = 0.999  # 0 <= decay < 1; 0 makes the shadow a plain copy of the live weights
     warmup: bool = False  # decay per update min(decay, (1 + t) / (10 + t)), t: updates done
     update_after_step: int = 0  # the first this many steps of the run copy instead of averaging
-    device: str | None = None  # where the shadow lives ("cpu" beside a cuda model); None: beside
+    device: str | None = None  # where the shadow lives ("cpu" beside a cuda model); None: model's
     eval_with: Literal["ema", "live", "both"] = "ema"  # both: also record the live matrix
     reset: bool = False  # restart the shadow from the live weights at the start of every task
 
@@ -187,12 +187,14 @@ class EMA(Strategy):
             check_device(self.config.device, "ema device")
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        check_hook_arguments("ema.before_run", model=model, stream=stream, seed=seed)
         self._shadow = {}
         self._updates = 0
         self._steps = 0
         self._synchronise(model)
 
     def before_task(self, model: nn.Module, task: Task) -> None:
+        check_hook_arguments("ema.before_task", model=model, task=task)
         if self._steps == 0:
             # Nothing averaged yet, so the shadow equals the live weights: start it over from
             # what trains now that freeze and LoRA (earlier in the chain) have acted. A frozen
@@ -204,6 +206,10 @@ class EMA(Strategy):
             self._updates = 0
 
     def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
+        # The average reads only the model; the other arguments are checked all the same, so a
+        # hand-written loop that passes None here does not break when another strategy joins.
+        check_hook_arguments("ema.after_step", model=model, batch=batch, logits=logits,
+                             task=task)
         self._ensure_synchronised(model)
         if self._steps < self.config.update_after_step:
             self._copy_live_into_shadow()
@@ -220,6 +226,7 @@ class EMA(Strategy):
         self._steps += 1
 
     def eval_context(self, model: nn.Module, task: Task) -> contextlib.AbstractContextManager[None]:
+        check_hook_arguments("ema.eval_context", model=model, task=task)
         if self.config.eval_with == "live" or self._evaluating_live or self._swapped:
             return contextlib.nullcontext()
         return self._shadow_in_place(model)

@@ -27,9 +27,9 @@ ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    rank: int = 8
+    rank: int = 8  # the rank of each adapter's update B @ A
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapter's input, in training
     # Globs on module names; empty: the linear layers of the repeated blocks (attention and
     # feed-forward of a transformer), else every linear/conv layer but the head.
     targets: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from cl.models import device_of, eval_mode, logits_of, tensor_bytes
 from cl.strategy import Strategy
-from cl.types import Batch, Inputs, Stream, Task, num_rows, take
+from cl.types import Batch, Inputs, Stream, Task, check_hook_arguments, num_rows, take
 
 Policy = Literal["reservoir", "class_balanced"]
 Insert = Literal["online", "task_end"]
@@ -40,8 +40,8 @@ class ReplayConfig:
     the logits of every inserted row, handed back as `Batch.stored_logits` (DER's targets).
     """
 
-    capacity: int = 200
-    policy: Policy = "reservoir"
+    capacity: int = 200  # rows the buffer holds at most
+    policy: Policy = "reservoir"  # which rows stay: reservoir sampling, or equal shares per class
     batch_size: int | None = None
     insert: Insert = "online"
     store_logits: bool = False
@@ -403,12 +403,15 @@ class Replay(Strategy):
         return f"Replay({settings})"
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        check_hook_arguments("replay.before_run", model=model, stream=stream, seed=seed)
         # An own generator: replay draws never shift the global RNG (dropout, data order).
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.buffer = Buffer(self.config.capacity, self.config.policy, self.generator,
                              device_of(model))
 
     def transform_batch(self, batch: Batch, task: Task) -> Batch:
+        check_hook_arguments("replay.transform_batch", batch=batch, task=task)
+        self._check_started("transform_batch")
         if not len(self.buffer):
             return batch
         x, y, task_ids, logits = self.buffer.sample(self.config.batch_size or len(batch))
@@ -418,6 +421,9 @@ class Replay(Strategy):
         return Batch.cat([batch, replayed])
 
     def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
+        check_hook_arguments("replay.after_step", model=model, batch=batch, logits=logits,
+                             task=task)
+        self._check_started("after_step")
         if self.config.insert != "online":
             return
         fresh = batch.fresh()
@@ -430,6 +436,8 @@ class Replay(Strategy):
         self.buffer.insert(x, y, task_ids, logits.detach() if self.config.store_logits else None)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
+        check_hook_arguments("replay.after_task", model=model, task=task)
+        self._check_started("after_task")
         if self.config.insert != "task_end":
             return
         train = task.train
@@ -444,6 +452,11 @@ class Replay(Strategy):
                     with torch.no_grad():
                         logits = logits_of(model, x)
                 self.buffer.insert(x, train.y[index], task.index, logits)
+
+    def _check_started(self, hook: str) -> None:
+        if self.buffer is None:
+            raise RuntimeError(f"replay.{hook}: call before_run(model, stream, seed) first; "
+                               "it creates the buffer")
 
     def report(self) -> dict[str, Any]:
         if self.buffer is None:

@@ -15,15 +15,19 @@ from torch import nn
 from cl.runner import TrainConfig, run
 from cl.spec import parse_config
 from cl.strategy import Chain
+from cl.types import Batch
 from strategies.ema import EMA, EMAConfig, effective_decay
 
 STREAM = blob_stream()
 TASK0, TASK1 = STREAM.tasks
+# after_step's batch and logits: EMA reads neither, but its hooks take only the real objects.
+BATCH = Batch.of(TASK0.train.x[:4], TASK0.train.y[:4], TASK0)
+LOGITS = torch.zeros(4, STREAM.num_classes)
 
 
 def step(ema: EMA, model: nn.Module) -> None:
-    """One after_step; EMA reads neither the batch nor the logits."""
-    ema.after_step(model, None, None, TASK0)
+    """One after_step."""
+    ema.after_step(model, BATCH, LOGITS, TASK0)
 
 
 def shadow(ema: EMA) -> dict[str, torch.Tensor]:

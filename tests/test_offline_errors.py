@@ -7,30 +7,20 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_cli import SCRIPT, cl
 from text_data import CUES, write_jsonl_dataset, write_tiny_backbone
 
 from cl import sources
 from cl.errors import DataError
 from cl.sources import looks_like_path
-from cli import main
 from tasks.text import TextSource, load_splits
 
-SCRIPT = Path(sys.executable).with_name("cl")
 # Offline, the libraries' retries alone took about 25 s; a quick failure takes a few.
 QUICK_SECONDS = 15
-
-
-def cl(*args) -> int:
-    try:
-        main([str(arg) for arg in args])
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
 
 
 def closed_port() -> int:

@@ -185,3 +185,21 @@ def test_config_json_reruns_from_another_directory(tmp_path, monkeypatch, capsys
 
 def test_the_cli_is_the_console_script_of_this_environment():
     assert Path(CL).is_file() and Path(sys.executable).parent == Path(CL).parent
+
+
+def test_a_teacher_file_and_a_model_directory_are_stored_absolute(tmp_path, monkeypatch):
+    from cl.experiment import absolute_paths, make_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"")
+    (tmp_path / "bert").mkdir()
+    config = make_config({"strategy": ["replay:capacity=10", "distill:teacher=teacher.pt,alpha=2"],
+                          "model": "hf:bert"})
+    resolved, given = absolute_paths(config)
+    assert resolved.strategy == ("replay:capacity=10",
+                                 f"distill:teacher={tmp_path / 'teacher.pt'},alpha=2")
+    assert resolved.model == f"hf:{tmp_path / 'bert'}"
+    assert given == {"distill:teacher": "teacher.pt", "model": "bert"}
+    # Names that are not local paths stay as they are.
+    hub = make_config({"model": "hf:org/model", "strategy": ["distill:teacher=previous"]})
+    assert absolute_paths(hub) == (hub, {})

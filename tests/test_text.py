@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli import SCRIPT, cl
 from text_data import CUES, write_csv_dataset, write_jsonl_dataset, write_tiny_backbone
 
 from cl.backbones import HF
@@ -24,7 +24,6 @@ from cl.models import logits_of, trim_padding
 from cl.runner import TrainConfig, run
 from cl.sampling import class_quotas, stratified_indices
 from cl.strategy import Chain
-from cli import main
 from strategies import EMA, Distill, Freeze, LoRA, Replay
 from strategies.distill import DistillConfig, feature_distance
 from strategies.ema import EMAConfig
@@ -33,16 +32,7 @@ from strategies.lora import LoRAConfig
 from strategies.replay import ReplayConfig
 from tasks.text import TextSource, cache_root, text_stream
 
-SCRIPT = Path(sys.executable).with_name("cl")
 REVIEW_NAMES = ["negative", "neutral", "positive"]
-
-
-def cl(*args) -> int:
-    try:
-        main([str(arg) for arg in args])
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
