@@ -7,6 +7,7 @@ deliberate error is one line on stderr and a non-zero exit (2 for bad input).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -95,7 +96,7 @@ def run_command(
                      ] = None,
     config: Annotated[Path | None, Opt(help="TOML or JSON file of these settings; "
                                           "flags override it")] = None,
-    out: Annotated[Path | None, Opt(help="Run directory [runs/<stream>-<strategy>-...]")
+    out: Annotated[str | None, Opt(help="Run directory [runs/<stream>-<strategy>-...]")
                    ] = None,
     resume: Annotated[Path | None, Opt(metavar="DIR",
                                        help="Continue the unfinished run in DIR after its last "
@@ -108,7 +109,7 @@ def run_command(
     from cl.errors import UsageError
     from cl.experiment import build, execute, make_config, read_config_file
     from cl.logs import check_log_formats
-    from cl.store import MARKER
+    from cl.store import MARKER, output_directory
 
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
              "classes_per_task": classes_per_task, "class_order": class_order, "data": data,
@@ -130,6 +131,8 @@ def run_command(
         if not (resume / "config.json").is_file():
             raise UsageError(f"--resume {resume}: no run there (no config.json)")
         config, out = resume / "config.json", resume
+    if out is not None:
+        out = output_directory(out, "--out")
     settings = read_config_file(config) if config is not None else {}
     settings.update({key: value for key, value in flags.items() if value is not None})
     run_config = make_config(settings, source="cl run")
@@ -158,7 +161,7 @@ def run_command(
 def ablate_command(
     spec: Annotated[Path, typer.Argument(help="TOML or JSON spec: seeds = [...], a [base] table "
                                               "of run settings, a [grid] table of lists")],
-    out: Annotated[Path | None, Opt(help="Directory of the runs [runs/<spec file name>]")
+    out: Annotated[str | None, Opt(help="Directory of the runs [runs/<spec file name>]")
                    ] = None,
     workers: Annotated[int | None, Opt(help="Runs at once [the core count]")] = None,
     threads: Annotated[int | None, Opt(help="Torch threads per run [cores // workers]")] = None,
@@ -174,13 +177,11 @@ def ablate_command(
                        ] = False,
 ) -> None:
     """Run every combination of a grid of settings over seeds, in parallel; resumable."""
-    import signal
-
     from cl.ablation import ablate, expand, read_spec
-    from cl.store import run_status
+    from cl.store import output_directory, run_status
 
+    out = output_directory(out, "--out") if out is not None else Path("runs") / spec.stem
     parsed = read_spec(spec)
-    out = out if out is not None else Path("runs") / spec.stem
     jobs = expand(parsed, out)
     console = _console()
     if dry_run:
@@ -189,8 +190,6 @@ def ablate_command(
         console.print(f"{len(jobs)} runs ({len(jobs) // len(parsed.seeds)} configurations x "
                       f"{len(parsed.seeds)} seeds)", soft_wrap=True)
         return
-    # A polite kill stops the workers too, as Ctrl-C does; their runs resume next time.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with _progress(console) as progress:
         bar = progress.add_task("runs", total=len(jobs))
         running: set[str] = set()
@@ -206,7 +205,7 @@ def ablate_command(
         def on_finish(outcome) -> None:
             running.discard(outcome.job.name)
             progress.update(bar, advance=1, description=f"runs ({len(running)} running)")
-            if outcome.status == "failed":
+            if outcome.status == "failed" and console.is_terminal:  # listed at the end too
                 console.print(f"failed: {outcome.job.name}: {outcome.error}", soft_wrap=True)
 
         outcomes = ablate(jobs, out, parsed, executor=executor, workers=workers,
@@ -220,11 +219,13 @@ def ablate_command(
                   f"{counts['skipped']} done before, {counts['failed']} failed{busy}",
                   soft_wrap=True)
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
-    for outcome in failed:
-        console.print(f"  failed: {outcome.job.name}: {outcome.error}", soft_wrap=True)
     if failed:
-        console.print(f"errors and tracebacks are in each run's error.json; rerun them with "
-                      f"cl ablate {spec} --out {out} --retry-failed", soft_wrap=True)
+        # On stderr, as every error: a script that keeps only stdout still learns what failed.
+        for outcome in failed:
+            print(f"failed: {outcome.job.name}: {outcome.error}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(outcomes)} runs failed (each run's error.json has "
+              f"its traceback); rerun them with cl ablate {spec} --out {out} --retry-failed",
+              file=sys.stderr)
         raise typer.Exit(1)
     console.print(f"report: cl report {out}", soft_wrap=True)
 
@@ -233,7 +234,7 @@ def ablate_command(
 def report_command(
     directories: Annotated[list[Path], typer.Argument(help="Run directories, or directories "
                                                            "holding runs (searched below)")],
-    out: Annotated[Path | None, Opt(help="Where to write the report [DIR/report for one DIR]")
+    out: Annotated[str | None, Opt(help="Where to write the report [DIR/report for one DIR]")
                    ] = None,
     html: Annotated[bool, Opt("--html", help="Also write report.html, one self-contained page")
                     ] = False,
@@ -248,6 +249,7 @@ def report_command(
 
     from cl.errors import UsageError
     from cl.report import build_report, paired_table, summary_table, write_report
+    from cl.store import output_directory
 
     pairs = []
     for item in compare or []:
@@ -259,6 +261,7 @@ def report_command(
         if len(directories) != 1:
             raise UsageError("with several directories, say where the report goes: --out DIR")
         out = directories[0] / "report"
+    out = output_directory(out, "--out")
     report = build_report(directories, pairs)
     files = write_report(report, out, html_page=html)
 
@@ -395,9 +398,16 @@ def _typer_errors() -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn deliberate errors into one line and an exit code."""
-    from cl.errors import ClError
+    import signal
+    import threading
+
+    from cl.errors import ClError, out_of_memory
 
     command = typer.main.get_command(app)
+    if threading.current_thread() is threading.main_thread():
+        # A polite kill (SIGTERM) ends a command as Ctrl-C does: one line and no run that looks
+        # finished; an ablation's workers stop too and their runs resume next time.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # Outside standalone mode typer returns the code of a `typer.Exit` instead of exiting,
         # and turns Ctrl-C into the code 130.
@@ -417,6 +427,15 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # a full disk, a read-only directory: name the file, no traceback
         where = f": {error.filename}" if error.filename else ""
         print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        # A path that cannot name a file is the user's to fix; the rest is the machine's.
+        usage = error.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
+        sys.exit(2 if usage else 1)
+    except (MemoryError, RuntimeError) as error:  # an allocation no check could foresee
+        asked = out_of_memory(error)
+        if asked is None:
+            raise
+        print(f"error: not enough memory{asked}; use smaller settings (batch, model, buffer "
+              "capacity) or a machine with more memory", file=sys.stderr)
         sys.exit(1)
     except _typer_errors() as error:  # unknown flags, missing values: the parser's own errors
         print(f"error: {error.format_message()}", file=sys.stderr)

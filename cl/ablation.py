@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from typing import Any
 from cl import store
 from cl.errors import ClError, UsageError, one_line
 from cl.experiment import (
+    SEED_LIMIT,
     RunConfig,
     check_configs,
     make_config,
@@ -46,6 +48,9 @@ from cl.spec import parse_spec
 log = logging.getLogger(__name__)
 
 SPEC_KEYS = ("seeds", "base", "grid")
+# Every run is checked before any starts and gets a directory: a grid beyond this is a typo
+# (or a job for several specs), not something to enumerate silently for minutes.
+MAX_RUNS = 10_000
 EXECUTORS = ("process", "ray")
 
 
@@ -113,6 +118,10 @@ def parse_spec_table(data: Any, source: str) -> Spec:
             or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds)):
         raise UsageError(f"'seeds' in {source} must be a non-empty list of integers, "
                          f"got {seeds!r}")
+    outside = [seed for seed in seeds if not 0 <= seed < SEED_LIMIT]
+    if outside:
+        raise UsageError(f"seed {outside[0]} in 'seeds' of {source} is not an integer from 0 to "
+                         "2**63 - 1")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"'seeds' in {source} lists a seed twice: {seeds!r}")
     base, grid = data.get("base", {}), data.get("grid", {})
@@ -130,6 +139,12 @@ def parse_spec_table(data: Any, source: str) -> Spec:
                              "hold no configuration")
         if key in base:
             raise UsageError(f"{key!r} is set in both [base] and [grid] of {source}")
+    sizes = [len(values) for values in grid.values()]
+    runs = math.prod(sizes) * len(seeds)
+    if runs > MAX_RUNS:
+        shape = " x ".join(map(str, sizes + [len(seeds)]))
+        raise UsageError(f"{source} makes {runs:,} runs ({shape} values x seeds); cl ablate "
+                         f"runs at most {MAX_RUNS:,} from one spec: split the grid")
     if "strategy" in base:
         base["strategy"] = _strategy_list(base["strategy"], f"[base] of {source}")
     if "strategy" in grid:
@@ -395,8 +410,8 @@ def ablate(jobs: Sequence[Job], out: str | Path, spec: Spec, *, executor: str = 
     for name, value in (("workers", workers), ("threads", threads)):
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
-    if gpus_per_run is not None and gpus_per_run < 0:
-        raise UsageError(f"--gpus-per-run must not be negative, got {gpus_per_run}")
+    if gpus_per_run is not None and not 0 <= gpus_per_run < math.inf:  # also NaN
+        raise UsageError(f"--gpus-per-run must be a finite number from 0, got {gpus_per_run}")
     if ray_address is not None and executor != "ray":
         raise UsageError("--ray-address needs --executor ray")
     if executor == "ray" and importlib.util.find_spec("ray") is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import platform
-import re
 import resource
 import sys
 import time
@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cl import __version__, registry
-from cl.errors import ClError, UsageError, one_line
+from cl.errors import ClError, UsageError, one_line, out_of_memory
 from cl.spec import format_spec, parse_config, parse_spec
 from cl.types import SCENARIOS, StreamOptions
+
+log = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**63
 
@@ -75,10 +77,23 @@ class RunConfig:
 CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(RunConfig))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: JSON allows a repeated key and keeps the
+    last, which silently drops a setting (TOML refuses it; so does cl, for both)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key {key!r} is given twice")
+        data[key] = value
+    return data
+
+
 def read_data_file(path: str | Path, what: str) -> Any:
     """The parsed content of a TOML or JSON file; a missing or malformed file is one error line
     naming `what` ("config file", "ablation spec") and the path."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory, not a .toml or .json file")
     if not path.is_file():
         raise UsageError(f"{what} {path} does not exist")
     try:
@@ -90,7 +105,7 @@ def read_data_file(path: str | Path, what: str) -> Any:
                 import tomli as tomllib
             return tomllib.loads(text)
         if path.suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise UsageError(f"{what} {path} is not text (it is not UTF-8)") from None
     except ValueError as error:
@@ -130,8 +145,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def make_config(settings: dict[str, Any], source: str = "run config") -> RunConfig:
     """A RunConfig from loose settings (config file values, CLI flags), types checked."""
-    if isinstance(settings.get("hidden"), str):
-        settings = {**settings, "hidden": settings["hidden"].replace(",", "|")}
+    hidden = settings.get("hidden")
+    if isinstance(hidden, str):
+        # An empty item is a typo ("10,,10"), and an empty string is no list at all: neither
+        # may quietly mean fewer layers.
+        if not hidden.strip() or any(not part.strip() for part in hidden.split(",")):
+            raise UsageError(f"bad value {hidden!r} for {source} setting 'hidden': expected sizes "
+                             "such as 400,400 (hidden = [] in a config file: no hidden layer)")
+        settings = {**settings, "hidden": hidden.replace(",", "|")}
     return parse_config(RunConfig, settings, owner=source)
 
 
@@ -254,12 +275,11 @@ def build_model(checked: Plan, config: RunConfig, stream: Any, hidden: tuple[int
         return build_seeded(checked.build_model, stream.input_shape, stream.num_classes,
                             hidden, config.init, config.seed)
     except (RuntimeError, MemoryError) as error:
-        asked = re.search(r"allocate (\d+) bytes", str(error))
-        if not isinstance(error, MemoryError) and asked is None:
+        asked = out_of_memory(error)
+        if asked is None:
             raise
-        size = f" ({int(asked.group(1)) / 1e9:,.1f} GB asked for one tensor)" if asked else ""
         raise ClError(f"not enough memory for model {config.model!r} with hidden sizes "
-                      f"{','.join(map(str, hidden))}{size}") from None
+                      f"{','.join(map(str, hidden))}{asked}") from None
 
 
 def build(config: RunConfig) -> Built:
@@ -463,6 +483,9 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
             state = store.read_checkpoint(run_dir)
             if state is not None:
                 check_same_run(state["config"], built.config.to_dict(), run_dir)
+            else:  # killed before its first task ended (or its checkpoint/ was deleted)
+                log.warning("%s has no checkpoint: the run starts again from its first task",
+                            run_dir)
             (run_dir / store.ERROR).unlink(missing_ok=True)  # a failed run, tried again
         else:
             store.clear_unfinished(run_dir)

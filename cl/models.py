@@ -156,6 +156,29 @@ def check_device(name: str, what: str = "device") -> torch.device:
     return device
 
 
+def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str | None:
+    """What keeps `given` from loading into a model whose state dict is `expected`: the missing
+    and unexpected keys, else the first shape that differs; None when it fits."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {some(unexpected)}")
+    if problems:
+        return "; ".join(problems)
+    for key, tensor in expected.items():
+        if given[key].shape != tensor.shape:
+            return (f"{key} has shape {tuple(given[key].shape)} in the file but "
+                    f"{tuple(tensor.shape)} in the model")
+    return None
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 

@@ -45,6 +45,8 @@ COMPARED = ("acc", "bwt", "forgetting")  # the metrics of the paired comparisons
 # What the whole run spent: the same for every evaluation the run recorded (its variants).
 COSTS = ("time_seconds", "peak_rss_mb")
 ACCURACIES = tuple(key for key, _, _ in METRICS if key not in COSTS)
+# The ones of ACCURACIES that compare two accuracies, so lie in [-1, 1] rather than [0, 1].
+DIFFERENCES = ("bwt", "fwt", "forgetting")
 # The row label of a variant, an extra evaluation a strategy records (EMA's eval_with=both).
 VARIANT_LABELS = {"live": "live weights"}
 SEED_SUFFIX = re.compile(r"^(?P<configuration>.+)-seed-?\d+$")
@@ -198,14 +200,38 @@ def _config_problems(config: Any) -> Iterator[str]:
         yield f"strategy is {_shown(config, 'strategy')}, expected a list of strategy specs"
 
 
+def _is_accuracy(value: Any) -> bool:
+    """A fraction in [0, 1], or null (not measured). NaN and infinities fail the comparison."""
+    return value is None or 0 <= value <= 1
+
+
+def _matrix_problems(where: str, matrix: list[list[Any]]) -> Iterator[str]:
+    """Each entry of a matrix of accuracies (checked for shape already) that is no accuracy."""
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if not _is_accuracy(value):
+                yield f"{where}[{i}][{j}] is {_short(value)}, not an accuracy in [0, 1]"
+
+
 def _measured_problems(measured: dict[str, Any], rows: int, columns: int) -> Iterator[str]:
     """What keeps the report from reading one evaluation's accuracies (the run's, a variant's)."""
     for key in ACCURACIES:
-        if not (measured.get(key) is None or _is_number(measured[key])):
+        value = measured.get(key)
+        if not (value is None or _is_number(value)):
             yield f"{key} is {_shown(measured, key)}, expected a number or null"
-    if not _is_matrix(measured.get("accuracy_matrix"), rows, columns):
+        elif key in DIFFERENCES:
+            # Negative is legitimate (forgetting), but a difference of two fractions is no
+            # more than 1 either way; NaN and infinities fail the comparison.
+            if value is not None and not -1 <= value <= 1:
+                yield f"{key} is {_short(value)}, not a difference of accuracies in [-1, 1]"
+        elif not _is_accuracy(value):  # a percentage or a typo would be averaged into the table
+            yield f"{key} is {_short(value)}, not an accuracy in [0, 1]"
+    matrix = measured.get("accuracy_matrix")
+    if not _is_matrix(matrix, rows, columns):
         yield (f"accuracy_matrix is {_shown(measured, 'accuracy_matrix')}, expected {rows} "
                f"rows of {columns} accuracies")
+    else:
+        yield from _matrix_problems("accuracy_matrix", matrix)
 
 
 def _metrics_problems(metrics: Any) -> Iterator[str]:
@@ -218,8 +244,11 @@ def _metrics_problems(metrics: Any) -> Iterator[str]:
         yield f"task_names is {_shown(metrics, 'task_names')}, expected a list of task names"
         return
     for key in ("train_seconds", "eval_seconds", "peak_rss_mb"):
-        if not (metrics.get(key) is None or _is_number(metrics[key])):
+        value = metrics.get(key)
+        if not (value is None or _is_number(value)):
             yield f"{key} is {_shown(metrics, key)}, expected a number or null"
+        elif value is not None and not 0 <= value < math.inf:  # NaN fails the comparison too
+            yield f"{key} is {_short(value)}, expected a finite non-negative number or null"
     # R is one row per task trained, or the single row of a joint run.
     rows = 1 if metrics.get("joint") else len(names)
     yield from _measured_problems(metrics, rows, len(names))
@@ -232,6 +261,12 @@ def _metrics_problems(metrics: Any) -> Iterator[str]:
                 and all(_is_number(end) for end in curve["task_end_steps"])):
             yield (f"curve is {_shown(metrics, 'curve')}, expected steps, task_end_steps and "
                    f"a row of {len(names)} accuracies per step")
+        else:
+            for key in ("steps", "task_end_steps"):
+                for index, value in enumerate(curve[key]):
+                    if not -math.inf < value < math.inf:  # the figure's x axis
+                        yield f"curve.{key}[{index}] is {_short(value)}, expected a finite step"
+            yield from _matrix_problems("curve.accuracy", curve["accuracy"])
     variants = metrics.get("variants", {})
     if not isinstance(variants, dict):
         yield f"variants is {_short(variants)}, expected an object"

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.errors import DivergenceError, UsageError
-from cl.models import eval_mode, logits_of
+from cl.models import eval_mode, logits_of, state_dict_mismatch
 from cl.strategy import Chain, Strategy
-from cl.types import Batch, Split, Stream, Task, concat, take, to_device
+from cl.types import Batch, Inputs, Split, Stream, Task, concat, take, to_device
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,38 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         # The optimizer applies these as float32 scalars to float32 weights: a value beyond
-        # float32's range fails inside its step.
-        largest = torch.finfo(torch.float32).max
-        if not 0 < self.lr <= largest:  # also NaN
-            raise UsageError(f"lr must be a positive number up to {largest:.2e}, got {self.lr}")
-        for name in ("momentum", "weight_decay"):
-            if not 0 <= getattr(self, name) <= largest:
-                raise UsageError(f"{name} must be a number from 0 to {largest:.2e}, "
-                                 f"got {getattr(self, name)}")
+        # float32's range fails inside its step, and one below its smallest normal number
+        # rounds to nothing: the run would train without moving.
+        smallest, largest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+        if not smallest <= self.lr <= largest:  # also NaN
+            raise UsageError(f"lr must be a number from {smallest:.2e} to {largest:.2e}, "
+                             f"got {self.lr}")
+        # A momentum of 1 or more never lets a gradient fade: the weights diverge.
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"momentum must be a number from 0 up to (not including) 1, "
+                             f"got {self.momentum}")
+        if self.momentum and self.optimizer != "sgd":  # Adam's own moments are its betas
+            raise UsageError(f"momentum {self.momentum} applies to sgd only, not to "
+                             f"{self.optimizer}")
+        if not 0 <= self.weight_decay <= largest:
+            raise UsageError(f"weight_decay must be a number from 0 to {largest:.2e}, "
+                             f"got {self.weight_decay}")
         if self.eval_every < 0:
             raise UsageError(f"eval_every must not be negative, got {self.eval_every}")
+
+
+def divergence_cause(x: Inputs, logits: Tensor, terms: dict[str, Tensor]) -> str:
+    """Where a non-finite loss came from, as advice: the data, a strategy's term, or the
+    training itself (which a lower learning rate calms)."""
+    inputs = x.values() if isinstance(x, dict) else [x]
+    if any(value.is_floating_point() and not torch.isfinite(value).all() for value in inputs):
+        return "the batch's inputs hold NaN or infinite values: check the data"
+    bad = [name for name, term in terms.items() if not torch.isfinite(term).all()]
+    if bad:
+        return f"the strategy term {bad[0]!r} is {terms[bad[0]].item()}: check its settings"
+    if torch.isfinite(logits).all():
+        return "the cross-entropy diverged: try a lower --lr"
+    return "the model's outputs diverged: try a lower --lr"
 
 
 @dataclass
@@ -296,6 +318,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         else:
             # The strategy first (LoRA rebuilds its adapters), then the weights, then the RNGs.
             strategy.load_state_dict(resume["strategy"])
+            problem = state_dict_mismatch(model.state_dict(), resume["model"])
+            if problem is not None:  # a model file copied in from another run
+                raise UsageError(f"the checkpoint's model does not fit this run's model: "
+                                 f"{problem}")
             model.load_state_dict(resume["model"])
             progress = resume["progress"]
             if sorted(progress["views"]) != sorted((MAIN, *variants)):
@@ -345,7 +371,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     if not math.isfinite(loss_value):
                         raise DivergenceError(
                             f"loss is {loss_value} on task {task.index} ({task.name}) at step "
-                            f"{task_step} of that task (epoch {epoch + 1}); try a lower --lr")
+                            f"{task_step} of that task (epoch {epoch + 1}); "
+                            f"{divergence_cause(batch.x, logits, terms)}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

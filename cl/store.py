@@ -33,6 +33,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 # The mark of a directory cl made, and the file a process holds a lock on while it owns the run.
 MARKER = ".cl-run"
+NAME_MAX = 255  # the longest file name (in bytes) of Linux's and macOS's filesystems
 CHECKPOINT_FORMAT = 2  # 2: the run's config is saved with the progress (resume checks it)
 
 
@@ -138,6 +139,26 @@ def _holder(marker: Path) -> str:
     except OSError:
         return "another process"
     return f"process {pid}" if pid.isdigit() else "another process"
+
+
+def output_directory(given: str | Path, flag: str) -> Path:
+    """`given` (an --out value as typed) as a directory cl may make or write into, checked
+    before any work: an empty name, a name the filesystem cannot hold, or a path through or
+    onto a file is one UsageError naming it, rather than an OSError after the run."""
+    if str(given) == "":
+        raise UsageError(f"{flag} is empty: name a directory")
+    path = Path(given)
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{flag}: the name {part[:24]}... is longer than "
+                             f"{NAME_MAX} bytes")
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "" if ancestor == path else f": {ancestor}"
+                raise UsageError(f"{flag} {path}{where} is a file, not a directory")
+            break
+    return path
 
 
 def lock_run_dir(path: Path, resume: bool = False) -> RunLock:
@@ -260,8 +281,13 @@ def read_checkpoint(run_dir: Path) -> dict | None:
     directory = run_dir / CHECKPOINT
     if not (directory / STATE_FILE).is_file():
         # A kill between the two renames of `write_checkpoint` leaves only the previous one.
-        directory = run_dir / ".checkpoint-previous"
-        if not (directory / STATE_FILE).is_file():
+        previous = run_dir / ".checkpoint-previous"
+        if (previous / STATE_FILE).is_file():
+            directory = previous
+        elif directory.exists():  # write_checkpoint swaps in only whole ones: this was edited
+            raise UsageError(f"checkpoint {directory} is incomplete (no {STATE_FILE}): "
+                             f"delete it to start the run again from its first task")
+        else:
             return None
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from cl.errors import UsageError, one_line
-from cl.models import device_of, find_head, logits_of, tensor_bytes
+from cl.models import device_of, find_head, logits_of, state_dict_mismatch, tensor_bytes
 from cl.strategy import Strategy, after_module_changes
 from cl.types import Batch, Stream, Task, check_hook_arguments
 
@@ -109,8 +109,12 @@ def load_weights(path: str) -> dict[str, Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt file: torch's, pickle's or safetensors' own errors
-        raise UsageError(f"cannot read teacher {path}: {one_line(error)}") from None
+    except OSError as error:  # the file itself: permissions, a directory, a vanished file
+        raise UsageError(f"cannot read teacher {path}: {error.strerror or one_line(error)}"
+                         ) from None
+    except Exception as error:  # the content: torch's, pickle's or safetensors' own errors
+        raise UsageError(f"teacher file {path} is not a state dict saved by torch.save or "
+                         f"safetensors ({library_reason(error)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(
@@ -120,27 +124,20 @@ def load_weights(path: str) -> dict[str, Tensor]:
     return state
 
 
-def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str | None:
-    """What keeps `given` from loading into a model whose state dict is `expected`: the missing
-    and unexpected keys, else the first shape that differs; None when it fits."""
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing {some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {some(unexpected)}")
-    if problems:
-        return "; ".join(problems)
-    for key, tensor in expected.items():
-        if given[key].shape != tensor.shape:
-            return (f"{key} has shape {tuple(given[key].shape)} in the file but "
-                    f"{tuple(tensor.shape)} in the model")
-    return None
+def library_reason(error: Exception) -> str:
+    """What a loader's error says about the file, in one line. torch's weights-only unpickler
+    opens with a paragraph on its PyTorch 2.6 default (and advice to load untrusted pickles)
+    and names the actual problem after "WeightsUnpickler error:", whose first sentence is kept
+    (the rest tells how to allow a class, which a cl user cannot); a bare KeyError says only
+    a number, so its type is named too."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip()
+        if detail:
+            return detail.splitlines()[0].split(". ")[0].rstrip(".")
+    reason = one_line(error)
+    return reason if any(c.isalpha() for c in reason) else f"{type(error).__name__} {reason}"
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -175,6 +172,10 @@ class Distill(Strategy):
         self.scenario: str | None = None
         self.class_mask: Tensor | None = None
         self.seen_mask: Tensor | None = None
+        # A teacher file's weights, by (resolved path, mtime, size): `check` (from build, then
+        # from the runner) and `before_run` all need them, and one read of a large model is
+        # enough; a file changed in between has another key and is read again.
+        self.file_weights: tuple[tuple[str, int, int], dict[str, Tensor]] | None = None
 
     def __repr__(self) -> str:
         return f"Distill({self.config})"
@@ -197,7 +198,7 @@ class Distill(Strategy):
             raise UsageError("distill:teacher=previous has no previous task in a --joint run "
                              "(one phase): use teacher=initial or a file, or train sequentially")
         if config.targets == "teacher" and config.teacher not in TEACHERS:
-            mismatch = state_dict_mismatch(model.state_dict(), load_weights(config.teacher))
+            mismatch = state_dict_mismatch(model.state_dict(), self.teacher_weights())
             if mismatch is not None:
                 raise UsageError(f"teacher {config.teacher} does not fit the model "
                                  f"{type(model).__name__}: {mismatch}")
@@ -213,7 +214,20 @@ class Distill(Strategy):
         if self.config.teacher == "initial":
             self.new_teacher(model)
         elif self.config.teacher != "previous":
-            self.new_teacher(model).load_state_dict(load_weights(self.config.teacher))
+            self.new_teacher(model).load_state_dict(self.teacher_weights())
+            self.file_weights = None  # the teacher holds a copy now: no need for a second one
+
+    def teacher_weights(self) -> dict[str, Tensor]:
+        """The teacher file's state dict, read once per content of the file."""
+        path = Path(self.config.teacher)
+        try:
+            stat = path.stat()
+        except OSError:  # gone since the config named it: load_weights says so in its line
+            return load_weights(self.config.teacher)
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if self.file_weights is None or self.file_weights[0] != key:
+            self.file_weights = (key, load_weights(self.config.teacher))
+        return self.file_weights[1]
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         check_hook_arguments("distill.before_task", model=model, task=task)

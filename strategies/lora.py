@@ -76,6 +76,28 @@ def target_modules(model: nn.Module, patterns: tuple[str, ...], head: str) -> li
     return names
 
 
+def layer_width(module: nn.Module) -> int:
+    """The largest rank an update of `module`'s weight can have: the smaller side of the weight
+    as a matrix (a conv's input side is its channels times its kernel, what its adapter's first
+    conv reads)."""
+    if isinstance(module, nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim)
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features)
+    return min(module.in_channels * math.prod(module.kernel_size), module.out_channels)
+
+
+def describe_layer(module: nn.Module) -> str:
+    """A layer's type and sizes, as a message shows them: `Linear 64 -> 16`."""
+    if isinstance(module, nn.Embedding):
+        return f"Embedding {module.num_embeddings} x {module.embedding_dim}"
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features} -> {module.out_features}"
+    kernel = "x".join(map(str, module.kernel_size))
+    return (f"{type(module).__name__} {module.in_channels} -> {module.out_channels} channels, "
+            f"kernel {kernel}")
+
+
 def tuner_layers(model: nn.Module) -> list[nn.Module]:
     """peft's adapter-holding modules: LoRA layers and the per-adapter head copies."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -152,9 +174,17 @@ class LoRA(Strategy):
             raise UsageError("lora trains one adapter per task, but --joint trains all tasks "
                              "as one: train sequentially, or use lora:merge=true (one adapter "
                              "over all tasks, folded into the model)")
-        if not target_modules(model, self.config.targets, find_head(model)):
+        targets = target_modules(model, self.config.targets, find_head(model))
+        if not targets:
             patterns = "|".join(self.config.targets) or "(every linear or conv layer)"
             raise UsageError(f"lora targets {patterns} match no adaptable layer of the model")
+        # A rank above a layer's width adds parameters and no capacity: the update B @ A cannot
+        # have a higher rank than the weight's smaller side. The narrowest layer bounds them all.
+        width, name = min((layer_width(model.get_submodule(name)), name) for name in targets)
+        if self.config.rank > width:
+            raise UsageError(f"lora rank {self.config.rank} exceeds the width {width} of layer "
+                             f"{name!r} ({describe_layer(model.get_submodule(name))}): use "
+                             f"lora:rank={width} or less, or targets that leave it out")
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         self.model = model

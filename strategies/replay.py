@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -10,6 +11,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from cl.errors import ClError, out_of_memory
 from cl.models import device_of, eval_mode, logits_of, tensor_bytes
 from cl.strategy import Strategy
 from cl.types import Batch, Inputs, Stream, Task, check_hook_arguments, num_rows, take
@@ -63,6 +65,16 @@ class ReplayConfig:
 
 def _alloc(like: Tensor, capacity: int, device: torch.device) -> Tensor:
     return torch.zeros((capacity, *like.shape[1:]), dtype=like.dtype, device=device)
+
+
+def _row_bytes(x: Inputs, logits: Tensor | None, scratch: bool) -> int:
+    """Bytes a buffer preallocates per row: the inputs and logits as given, the label and task
+    id (int64), and with `scratch` reservoir sampling's per-slot int64."""
+    stored = list(x.values()) if isinstance(x, dict) else [x]
+    if logits is not None:
+        stored.append(logits)
+    return (sum(math.prod(t.shape[1:]) * t.element_size() for t in stored)
+            + 8 * (2 + int(scratch)))
 
 
 def _swap_remove(items: list[int], position: dict[int, int] | list[int], item: int) -> None:
@@ -180,8 +192,25 @@ class Buffer:
             self.logits[target] = logits[source].detach().to(self.device, self.logits.dtype)
 
     def _allocate(self, x: Inputs, y: Tensor, logits: Tensor | None) -> None:
+        """Storage for `capacity` rows shaped like this batch's; a capacity the machine cannot
+        hold is one ClError line with the size asked for, not the allocator's traceback."""
         if self.device is None:
             self.device = y.device
+        if logits is not None and (logits.dim() != 2 or not logits.is_floating_point()):
+            raise ValueError(f"logits must be a float (rows, classes) tensor, "
+                             f"got {logits.dtype} of shape {tuple(logits.shape)}")
+        try:
+            self._allocate_rows(x, logits)
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            if out_of_memory(error) is None:
+                raise
+            self.x = self.y = self.task = self.logits = self._last_writer = None
+            self._slot_class, self._slot_position = [], []
+            asked = self.capacity * _row_bytes(x, logits, self.policy == "reservoir")
+            raise ClError(f"replay buffer of {self.capacity} rows does not fit in memory "
+                          f"({asked / 1e9:,.1f} GB asked for)") from None
+
+    def _allocate_rows(self, x: Inputs, logits: Tensor | None) -> None:
         if isinstance(x, dict):
             self.x = {key: _alloc(value, self.capacity, self.device) for key, value in x.items()}
         else:
@@ -189,9 +218,6 @@ class Buffer:
         self.y = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         self.task = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         if logits is not None:
-            if logits.dim() != 2 or not logits.is_floating_point():
-                raise ValueError(f"logits must be a float (rows, classes) tensor, "
-                                 f"got {logits.dtype} of shape {tuple(logits.shape)}")
             self.logits = _alloc(logits, self.capacity, self.device)
         if self.policy == "reservoir":
             self._last_writer = torch.zeros(self.capacity, dtype=torch.int64)

@@ -85,6 +85,11 @@ lr = [0.01, 0.1]
     ("[grid]\nlr = 0.1\n", "must be a list of values"),
     ("seeds = []\n[grid]\nlr = [0.1]\n", "'seeds'"),
     ("seeds = [1, 1]\n[grid]\nlr = [0.1]\n", "lists a seed twice"),
+    ("seeds = [99999999999999999999]\n[base]\nepochs = 1\n",
+     "seed 99999999999999999999 in 'seeds' of ablation spec"),
+    ("seeds = [-1]\n[base]\nepochs = 1\n", "seed -1 in 'seeds' of ablation spec"),
+    ("seeds = [0, 1]\n[grid]\nlr = [" + ", ".join(["0.1"] * 100) + "]\nepochs = ["
+     + ", ".join(map(str, range(1, 101))) + "]\n", "makes 20,000 runs (100 x 100 x 2"),
     ('[grid]\nstrategy = [["replay:capacty=100"]]\n', "capacty"),
     ('[grid]\nstrategy = [["nope"]]\n', "'nope'"),
     ('[grid]\nstrategy = [[1]]\n', "strategy value"),
@@ -119,9 +124,13 @@ def test_bad_flags_and_a_missing_spec_are_usage_errors(tmp_path, capsys):
     for args, message in ((["--workers", "0"], "--workers"),
                           (["--executor", "slurm"], "slurm"),
                           (["--ray-address", "auto"], "--executor ray"),
-                          (["--log", "wandb"], "wandb")):
+                          (["--log", "wandb"], "wandb"),
+                          (["--gpus-per-run", "-1"], "got -1.0"),
+                          (["--gpus-per-run", "nan"], "--gpus-per-run must be a finite number "
+                                                      "from 0, got nan")):
         assert cl("ablate", spec, "--out", tmp_path / "out", *args) == 2
         assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
     assert cl("ablate", tmp_path / "missing.toml") == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -164,19 +173,24 @@ def test_a_failed_run_is_reported_kept_and_retried_only_when_asked(tmp_path, cap
     spec = write(tmp_path / "spec.toml", "seeds = [0]\n" + BASE + "[grid]\nlr = [0.1, 1e30]\n")
     out = tmp_path / "out"
     assert cl("ablate", spec, "--out", out, "--workers", "2") == 1
-    printed = capsys.readouterr().out
-    assert "1 finished now, 0 done before, 1 failed" in printed
+    captured = capsys.readouterr()
+    assert "1 finished now, 0 done before, 1 failed" in captured.out
     failed = next(run for run in run_dirs(out) if "lr1e" in run.name)
-    assert f"failed: {failed.name}: loss is nan" in printed
+    # What failed is on stderr, ending in one error line: a script reading stdout alone, or
+    # only the last line of stderr, still learns it.
+    lines = captured.err.strip().splitlines()
+    assert lines[0].startswith(f"failed: {failed.name}: loss is nan"), captured.err
+    assert lines[-1].startswith("error: 1 of 2 runs failed") and "--retry-failed" in lines[-1]
+    assert len(lines) == 2
     record = json.loads((failed / "error.json").read_text())
     assert record["error"].startswith("loss is nan") and "DivergenceError" in record["traceback"]
     assert not (failed / "metrics.json").exists()
 
     stamp = (failed / "error.json").stat().st_mtime_ns
     assert cl("ablate", spec, "--out", out) == 1  # not retried: still reported as failed
-    printed = capsys.readouterr().out
-    assert "0 finished now, 1 done before, 1 failed" in printed
-    assert "--retry-failed" in printed
+    captured = capsys.readouterr()
+    assert "0 finished now, 1 done before, 1 failed" in captured.out
+    assert "--retry-failed" in captured.err
     assert (failed / "error.json").stat().st_mtime_ns == stamp
     assert cl("ablate", spec, "--out", out, "--retry-failed") == 1
     # The retry ran (a new error.json), and failed again.

@@ -115,7 +115,7 @@ BAD_INPUTS = [
     (["--scenario", "sideways"], "unknown scenario 'sideways'"),
     (["--batch-size", "0"], "batch_size must be positive, got 0"),
     (["--epochs", "-1"], "epochs must be positive, got -1"),
-    (["--lr", "-0.1"], "lr must be a positive number up to 3.40e+38, got -0.1"),
+    (["--lr", "-0.1"], "lr must be a number from 1.18e-38 to 3.40e+38, got -0.1"),
     (["--hidden", "100,0"], "hidden sizes must be positive, got [100, 0]"),
     (["--hidden", "100,x"], "bad value 'x' for cl run setting 'hidden'"),
     (["--num-tasks", "0"], "num_tasks must be positive, got 0"),
@@ -130,7 +130,15 @@ BAD_INPUTS = [
     (["--epochz", "3"], "--epochz"),
     (["--device", "meta"], "device 'meta' cannot train"),
     (["--device", "mps"], "device 'mps' asked for but MPS is not available"),
-    (["--lr", "1e308"], "lr must be a positive number up to 3.40e+38, got 1e+308"),
+    (["--lr", "1e308"], "lr must be a number from 1.18e-38 to 3.40e+38, got 1e+308"),
+    (["--lr", "1e-320"], "lr must be a number from 1.18e-38 to 3.40e+38, got 1e-320"),
+    (["--momentum", "5"], "momentum must be a number from 0 up to (not including) 1, got 5.0"),
+    (["--momentum", "1"], "momentum must be a number from 0 up to (not including) 1, got 1.0"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "momentum 0.9 applies to sgd only, not to "
+                                                    "adam"),
+    (["--hidden", ""], "bad value '' for cl run setting 'hidden'"),
+    (["--hidden", "10,,10"], "bad value '10,,10' for cl run setting 'hidden'"),
+    (["--hidden", "10,"], "bad value '10,' for cl run setting 'hidden'"),
     (["--momentum", "nan"], "bad value 'nan' for cl run setting 'momentum'"),
     (["--weight-decay", "inf"], "bad value 'inf' for cl run setting 'weight_decay'"),
     (["--seed", str(2**70)], f"seed must be an integer from 0 to 2**63 - 1, got {2**70}"),
@@ -173,6 +181,59 @@ def test_a_config_file_that_cannot_be_read_as_settings_is_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "ablate", "report"])
+@pytest.mark.parametrize("out, message", [
+    ("", "error: --out is empty: name a directory"),
+    ("{file}", "error: --out {file} is a file, not a directory"),
+    ("{file}/sub", "error: --out {file}/sub: {file} is a file, not a directory"),
+    ("{dir}/" + "x" * 300, "error: --out: the name xxxxxxxxxxxxxxxxxxxxxxxx... is longer than "
+                           "255 bytes"),
+])
+def test_an_out_path_that_cannot_be_a_directory_is_a_usage_error(tmp_path, capsys, command,
+                                                                 out, message):
+    # Found before any work (a run would otherwise train, then fail to save), exit 2 as the
+    # user's to fix, and the path as typed: an empty --out is not the current directory.
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    spec = tmp_path / "spec.toml"
+    spec.write_text("[base]\nepochs = 1\n")
+    given = {"run": ["run", *FAST], "ablate": ["ablate", spec], "report": ["report", tmp_path]}
+    out = out.format(file=a_file, dir=tmp_path)
+    assert cl(*given[command], "--out", out) == 2
+    assert capsys.readouterr().err == message.format(file=a_file, dir=tmp_path) + "\n"
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile", "spec.toml"]
+
+
+def test_an_allocation_failure_is_recognised_with_the_size_asked_for():
+    import torch
+
+    from cl.errors import out_of_memory
+
+    with pytest.raises(RuntimeError) as failed:
+        torch.zeros(10**13, 64)  # 2.56 PB: refused at once by the allocator
+    assert out_of_memory(failed.value) == " (2,560,000.0 GB asked for one tensor)"
+    assert out_of_memory(MemoryError()) == ""
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory(ValueError("can't allocate memory")) is None
+
+
+def test_a_json_config_that_repeats_a_key_is_refused_not_half_read(tmp_path, capsys):
+    # json.loads keeps the last of two equal keys: one of the user's settings would vanish.
+    config = tmp_path / "run.json"
+    config.write_text('{"lr": 0.1, "epochs": 1, "lr": 0.5}')
+    assert cl("run", "--config", config, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: config file {config} is not valid JSON: key 'lr' is given twice"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path, capsys):
+    assert cl("run", "--config", tmp_path, "--out", tmp_path / "run") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: config file {tmp_path} is a directory, not a .toml or .json file")
 
 
 def test_a_model_too_large_for_the_machine_is_one_line_naming_the_size(tmp_path, capsys):

@@ -3,6 +3,8 @@ DER-style targets from a replay buffer, and composition errors."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import blob_stream, tiny_model
@@ -175,11 +177,18 @@ def test_buffer_targets_distil_replayed_rows_toward_stored_logits():
     assert all(v >= 0 for v in values) and max(values) > 0
 
 
+NOT_SAVED_BY_TORCH = "is not a state dict saved by torch.save or safetensors"
+
+
 @pytest.mark.parametrize("write, message", [
     (lambda path: torch.save(torch.zeros(3), path), "holds Tensor, not a state dict"),
     (lambda path: torch.save([torch.zeros(3)], path), "holds list, not a state dict"),
     (lambda path: torch.save({"0.weight": "text"}, path), "holds a dict of other values"),
-    (lambda path: path.write_bytes(b"not a torch file"), "cannot read teacher"),
+    (lambda path: path.write_bytes(b"not a torch file"), NOT_SAVED_BY_TORCH),
+    # A whole pickled model: torch names the class its weights-only loader refuses.
+    (lambda path: torch.save(torch.nn.Linear(2, 2), path),
+     f"{NOT_SAVED_BY_TORCH} \\(Unsupported global: GLOBAL torch.nn.modules.linear.Linear "
+     "was not an allowed global by default\\)$"),
 ])
 def test_a_teacher_file_that_is_not_a_state_dict_is_one_line(tmp_path, write, message):
     stream = blob_stream()
@@ -196,8 +205,70 @@ def test_a_corrupt_safetensors_teacher_is_one_line(tmp_path):
     path = tmp_path / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model(stream).state_dict().items()}, str(path))
     path.write_bytes(path.read_bytes()[:40])  # truncated
-    with pytest.raises(UsageError, match=f"cannot read teacher {path}: "):
+    with pytest.raises(UsageError, match=f"teacher file {path} {NOT_SAVED_BY_TORCH} "
+                                         r"\(Error while deserializing header"):
         Distill(DistillConfig(teacher=str(path))).check(tiny_model(stream), stream, False)
+
+
+def test_a_json_teacher_is_one_line_without_torchs_paragraph(tmp_path):
+    # torch's own error is a paragraph on its weights-only default, with advice to load
+    # untrusted pickles; the line keeps what it says about the file.
+    stream = blob_stream()
+    path = tmp_path / "teacher.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(UsageError) as raised:
+        Distill(DistillConfig(teacher=str(path))).check(tiny_model(stream), stream, False)
+    assert str(raised.value) == (f"teacher file {path} {NOT_SAVED_BY_TORCH} (Unsupported "
+                                 "operand 123)")
+
+
+def counting_reads(monkeypatch) -> list[str]:
+    """The paths the distill module loads weights from, in order (the real loader runs)."""
+    import strategies.distill
+
+    reads = []
+    real = strategies.distill.load_weights
+
+    def load_weights(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(strategies.distill, "load_weights", load_weights)
+    return reads
+
+
+DIGITS = {"tasks": "split-digits", "num_tasks": 2, "epochs": 1, "hidden": [8],
+          "train_per_task": 20, "test_per_task": 10}
+
+
+def test_a_teacher_file_is_read_once_per_run(tmp_path, monkeypatch):
+    from cl.experiment import build, execute, make_config
+
+    path = tmp_path / "teacher.pt"
+    torch.save(build(make_config(DIGITS)).model.state_dict(), path)
+    reads = counting_reads(monkeypatch)
+    config = make_config({**DIGITS, "strategy": [f"distill:teacher={path}"]})
+    execute(config, tmp_path / "run", checkpoint=False)  # build's check, run's check, before_run
+    assert reads == [str(path)]
+
+
+def test_a_teacher_file_changed_after_build_is_read_again(tmp_path, monkeypatch):
+    from cl.experiment import build, make_config
+
+    path = tmp_path / "teacher.pt"
+    first = build(make_config(DIGITS)).model.state_dict()
+    torch.save(first, path)
+    reads = counting_reads(monkeypatch)
+    built = build(make_config({**DIGITS, "strategy": [f"distill:teacher={path}"]}))
+    assert len(reads) == 1
+    second = {key: value + 1 for key, value in first.items()}
+    torch.save(second, path)
+    stat = path.stat()  # a rewrite within the clock's tick may keep the time: move it on
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    [distill] = built.strategy.strategies
+    run(built.model, built.stream, built.strategy, built.train)
+    assert len(reads) == 2
+    assert all(torch.equal(distill.teacher.state_dict()[key], second[key]) for key in second)
 
 
 def test_a_teacher_of_another_architecture_names_what_differs(tmp_path):

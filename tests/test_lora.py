@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import blob_stream
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from cl.errors import UsageError
 from cl.models import build_mlp
@@ -137,6 +138,37 @@ def test_targets_matching_nothing_are_named():
     stream = blob_stream(scenario="task")
     with pytest.raises(UsageError, match="attention"):
         LoRA(LoRAConfig(targets=("attention*",))).check(mlp(stream), stream, False)
+
+
+def test_a_rank_above_a_layers_width_is_refused_naming_the_layer():
+    stream = blob_stream(scenario="task")  # 6 features: the first layer is Linear 6 -> 8
+    model = mlp(stream)
+    with pytest.raises(UsageError) as raised:
+        LoRA(LoRAConfig(rank=7)).check(model, stream, False)
+    assert str(raised.value) == ("lora rank 7 exceeds the width 6 of layer 'body.1' (Linear "
+                                 "6 -> 8): use lora:rank=6 or less, or targets that leave it out")
+    LoRA(LoRAConfig(rank=6)).check(model, stream, False)
+    # Targets that leave the narrow layer out bound the rank by the layers they keep.
+    LoRA(LoRAConfig(rank=8, targets=("body.3",))).check(model, stream, False)
+    with pytest.raises(UsageError, match="rank 9 exceeds the width 8 of layer 'body.3'"):
+        LoRA(LoRAConfig(rank=9, targets=("body.3",))).check(model, stream, False)
+    # A conv layer's input side is its channels times its kernel.
+    conv = nn.Sequential(nn.Conv2d(1, 32, 3), nn.Flatten(), nn.Linear(32, 4))
+    with pytest.raises(UsageError, match=r"width 9 of layer '0' \(Conv2d 1 -> 32 channels, "
+                                         r"kernel 3x3\)"):
+        LoRA(LoRAConfig(rank=10, targets=("0",))).check(conv, stream, False)
+    LoRA(LoRAConfig(rank=9, targets=("0",))).check(conv, stream, False)
+
+
+def test_a_rank_above_a_layers_width_stops_build_before_anything_runs():
+    from cl.experiment import build, make_config
+
+    settings = {"tasks": "split-digits", "scenario": "task", "hidden": [16],
+                "train_per_task": 20, "test_per_task": 10}
+    with pytest.raises(UsageError, match=r"^lora rank 17 exceeds the width 16 of layer 'body\.1' "
+                                         r"\(Linear 64 -> 16\): use lora:rank=16 or less"):
+        build(make_config({**settings, "strategy": ["lora:rank=17"]}))
+    build(make_config({**settings, "strategy": ["lora:rank=16"]}))
 
 
 def test_bad_settings():

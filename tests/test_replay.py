@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest, chisquare
 
-from cl.errors import UsageError
+from cl.errors import ClError, UsageError
 from cl.spec import parse_config
 from cl.types import Batch
 from strategies.replay import DRAW_BOUND, Buffer, Replay, ReplayConfig
@@ -245,6 +245,28 @@ def test_empty_buffer_cannot_be_sampled_and_mismatched_rows_are_refused():
         buffer.insert(torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="logits"):
         buffer.insert(*id_batch(3, 2), task=0, logits=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_buffer_too_large_for_memory_is_one_line_naming_its_size(policy):
+    # 10**13 rows of 64 floats: petabytes, which every allocator refuses at once.
+    buffer = make_buffer(10**13, policy)
+    with pytest.raises(ClError) as raised:
+        buffer.insert(torch.zeros(4, 64), torch.zeros(4, dtype=torch.int64), 0)
+    per_row = 64 * 4 + 8 + 8 + (8 if policy == "reservoir" else 0)  # x, y, task, scratch
+    assert str(raised.value) == (f"replay buffer of {10**13} rows does not fit in memory "
+                                 f"({10**13 * per_row / 1e9:,.1f} GB asked for)")
+    assert buffer.y is None and buffer.x is None  # nothing half-allocated is kept
+
+
+def test_a_buffer_too_large_for_memory_stops_a_run_with_one_line():
+    from cl.runner import TrainConfig, run
+
+    stream = blob_stream()
+    strategy = Replay(ReplayConfig(capacity=10**13))
+    with pytest.raises(ClError, match=r"^replay buffer of 10000000000000 rows does not fit in "
+                                      r"memory \([\d,.]+ GB asked for\)$"):
+        run(tiny_model(stream), stream, strategy, TrainConfig(batch_size=4))
 
 
 def test_dict_inputs_are_stored_and_sampled():

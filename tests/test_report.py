@@ -186,6 +186,13 @@ def _without(data, key):
     return {name: value for name, value in data.items() if name != key}
 
 
+def _set(matrix, i, j, value):
+    """A copy of `matrix` with entry [i][j] replaced."""
+    changed = [list(row) for row in matrix]
+    changed[i][j] = value
+    return changed
+
+
 # (file, change, what the error line says): files no run writes, but a hand edit or another
 # tool's output can; each is a field the report or its figures read.
 UNREADABLE = {
@@ -208,6 +215,35 @@ UNREADABLE = {
         **m, "min_acc": "low"}}}, "variants.live.min_acc is 'low'"),
     "variants-a-list": ("metrics.json", lambda m: {**m, "variants": ["live"]},
                         "variants is ['live'], expected an object"),
+    # Numbers of the right type but no accuracy: a percentage, a typo, NaN or an infinity
+    # (Python's json reads NaN and Infinity) would be averaged into the table.
+    "matrix-a-percentage": ("metrics.json", lambda m: {**m, "accuracy_matrix": _set(
+        m["accuracy_matrix"], 1, 0, 5.0)}, "accuracy_matrix[1][0] is 5.0, not an accuracy in "
+                                           "[0, 1]"),
+    "matrix-nan": ("metrics.json", lambda m: {**m, "accuracy_matrix": _set(
+        m["accuracy_matrix"], 2, 3, math.nan)}, "accuracy_matrix[2][3] is nan, not an accuracy"),
+    "matrix-negative": ("metrics.json", lambda m: {**m, "accuracy_matrix": _set(
+        m["accuracy_matrix"], 0, 0, -0.5)}, "accuracy_matrix[0][0] is -0.5, not an accuracy"),
+    "acc-a-percentage": ("metrics.json", lambda m: {**m, "acc": 7.5},
+                         "acc is 7.5, not an accuracy in [0, 1]"),
+    "acc-inf": ("metrics.json", lambda m: {**m, "acc": math.inf}, "acc is inf, not an accuracy"),
+    "learning-accuracy-nan": ("metrics.json", lambda m: {**m, "learning_accuracy": math.nan},
+                              "learning_accuracy is nan, not an accuracy"),
+    "bwt-nan": ("metrics.json", lambda m: {**m, "bwt": math.nan},
+                "bwt is nan, not a difference of accuracies in [-1, 1]"),
+    "forgetting-a-percentage": ("metrics.json", lambda m: {**m, "forgetting": 12.5},
+                                "forgetting is 12.5, not a difference of accuracies"),
+    "curve-point-a-percentage": ("metrics.json", lambda m: {**m, "curve": {
+        **m["curve"], "accuracy": _set(m["curve"]["accuracy"], 3, 1, 80.0)}},
+        "curve.accuracy[3][1] is 80.0, not an accuracy in [0, 1]"),
+    "curve-step-inf": ("metrics.json", lambda m: {**m, "curve": {
+        **m["curve"], "steps": [math.inf, *m["curve"]["steps"][1:]]}},
+        "curve.steps[0] is inf, expected a finite step"),
+    "time-nan": ("metrics.json", lambda m: {**m, "eval_seconds": math.nan},
+                 "eval_seconds is nan, expected a finite non-negative number or null"),
+    "variant-matrix-inf": ("metrics.json", lambda m: {**m, "variants": {"live": {
+        **m, "accuracy_matrix": _set(m["accuracy_matrix"], 4, 4, -math.inf)}}},
+        "variants.live.accuracy_matrix[4][4] is -inf, not an accuracy"),
     "seed-missing": ("config.json", lambda c: _without(c, "seed"), "seed is missing"),
     "seed-a-string": ("config.json", lambda c: {**c, "seed": "1"}, "seed is '1'"),
     "config-a-list": ("config.json", lambda c: [c], "is not a JSON object"),

@@ -163,6 +163,65 @@ def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 1
 
 
+def interrupted_run(out: Path, **settings) -> None:
+    """A run in `out` stopped while its second task trains: task 0 is in its checkpoint."""
+    from cl.experiment import execute, make_config
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(make_config({"epochs": 1, **settings}), out, listener=StopAfterFirstCheckpoint())
+
+
+def test_resume_refuses_a_checkpoint_model_of_another_model(tmp_path, capsys):
+    out, other = tmp_path / "run", tmp_path / "other"
+    interrupted_run(out)
+    interrupted_run(other, hidden=[50, 50])
+    # Same config.json, another network's weights: loading would raise a size mismatch deep in
+    # torch; the user learns which tensor differs.
+    model_file = Path(store.CHECKPOINT) / store.MODEL_FILE
+    (out / model_file).write_bytes((other / model_file).read_bytes())
+    assert cl("run", "--resume", out) == 2
+    assert capsys.readouterr().err == (
+        "error: the checkpoint's model does not fit this run's model: body.1.weight has "
+        "shape (50, 64) in the file but (100, 64) in the model\n")
+    assert not (out / "metrics.json").exists()
+
+
+def test_resume_refuses_a_half_deleted_checkpoint_and_restarts_without_one(tmp_path, capsys):
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    interrupted_run(out)
+    (out / store.CHECKPOINT / store.STATE_FILE).unlink()
+    assert cl("run", "--resume", out) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {out / store.CHECKPOINT} is incomplete (no {store.STATE_FILE}): "
+        "delete it to start the run again from its first task\n")
+    # With no checkpoint at all the run starts over, and says so; the result is the same run.
+    for path in (out / store.CHECKPOINT).iterdir():
+        path.unlink()
+    (out / store.CHECKPOINT).rmdir()
+    result = subprocess.run([CL, "run", "--resume", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"WARNING cl.experiment: {out} has no checkpoint: the run starts "
+                             "again from its first task\n")
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] is None
+    assert cl("run", "--epochs", "1", "--out", straight) == 0
+    assert np.array_equal(matrix(out), matrix(straight))
+
+
+def test_a_polite_kill_of_a_run_is_one_line_and_leaves_it_resumable(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    process = start("run", "--out", out, *SLOW)
+    wait_until_locked(out, process)
+    while not (out / "config.json").is_file():  # training, not still taking the directory
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr == "error: interrupted\n", stderr
+    assert store.run_status(out) == "partial" and not (out / "metrics.json").exists()
+
+
 def test_config_json_reruns_from_another_directory(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"

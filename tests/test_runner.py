@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -245,8 +246,26 @@ def test_nan_loss_stops_naming_task_and_step():
     stream = blob_stream(num_tasks=2)
     model = tiny_model(stream)
     # 16 rows, batch 4: 4 steps per task, so the 6th step is step 2 of task 1.
-    with pytest.raises(DivergenceError, match=r"loss is nan on task 1 \(t1\) at step 2"):
+    with pytest.raises(DivergenceError, match=r"loss is nan on task 1 \(t1\) at step 2 of "
+                       r"that task \(epoch 1\); the strategy term 'bad' is nan: check its "
+                       r"settings$"):
         run(model, stream, NanLoss(at_step=6), TrainConfig(batch_size=4))
+
+
+def test_a_nan_loss_names_its_cause_the_data_or_the_learning_rate():
+    # The advice must point where the fault is: a lower --lr cannot mend NaN inputs.
+    stream = blob_stream(num_tasks=2)
+    poisoned = stream.tasks[1].train.x.clone()
+    poisoned[3, 0] = float("nan")
+    tasks = list(stream.tasks)
+    tasks[1] = dataclasses.replace(tasks[1], train=dataclasses.replace(tasks[1].train,
+                                                                         x=poisoned))
+    with pytest.raises(DivergenceError, match="inputs hold NaN or infinite values: check the "
+                                              "data$"):
+        run(tiny_model(stream), dataclasses.replace(stream, tasks=tuple(tasks)), None,
+            TrainConfig(batch_size=16))
+    with pytest.raises(DivergenceError, match="diverged: try a lower --lr$"):
+        run(tiny_model(stream), stream, None, TrainConfig(batch_size=4, lr=1e30))
 
 
 def test_strategy_state_round_trips_through_chain():
