@@ -88,6 +88,8 @@ def run_command(
     log_every: Annotated[str | None, Opt(metavar="INT", help="Steps per logged mean loss "
                                          "[50]")] = None,
     device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, mps [cpu]")] = None,
+    threads: Annotated[str | None, Opt(metavar="INT", help="Torch CPU threads, recorded in "
+                                       "config.json [torch's own choice]")] = None,
     strategy: Annotated[list[str] | None, Opt(help="Strategy spec name or name:key=value,... "
                                                  "(repeatable; applied in the order given)")
                         ] = None,
@@ -118,7 +120,7 @@ def run_command(
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
              "epochs": epochs, "seed": seed, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "log_every": log_every, "device": device,
-             "strategy": strategy, "joint": joint}
+             "threads": threads, "strategy": strategy, "joint": joint}
     given = sorted(key for key, value in flags.items() if value is not None)
     if resume is not None:
         # A resumed run must be the run that was started: its settings come from its own file.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cl import __version__
-from cl.models import build_mlp, build_seeded
+from cl.models import build_mlp, build_seeded, model_input
 from cl.runner import TrainConfig, run
 from cl.types import StreamOptions
 from tasks.builtin import split_mnist
@@ -37,7 +37,8 @@ EVAL_BATCH_SIZE = 1024
 
 
 def hand_written(model: torch.nn.Module, stream, seed: int) -> np.ndarray:
-    """The loop a researcher would write by hand: no hooks, no logging, no checks."""
+    """The loop a researcher would write by hand: no hooks, no logging, no checks (the stream
+    keeps uint8 pixels: each batch is scaled as the runner scales it)."""
     tasks = stream.tasks
     generator = torch.Generator().manual_seed(seed)
 
@@ -50,7 +51,7 @@ def hand_written(model: torch.nn.Module, stream, seed: int) -> np.ndarray:
                 for start in range(0, len(task.test), EVAL_BATCH_SIZE):
                     x = task.test.x[start:start + EVAL_BATCH_SIZE]
                     y = task.test.y[start:start + EVAL_BATCH_SIZE]
-                    correct += (model(x).argmax(1) == y).sum().item()
+                    correct += (model(model_input(x)).argmax(1) == y).sum().item()
                 row.append(correct / len(task.test))
         model.train()
         return row
@@ -62,7 +63,7 @@ def hand_written(model: torch.nn.Module, stream, seed: int) -> np.ndarray:
         order = torch.randperm(len(task.train), generator=generator)
         for start in range(0, len(task.train), BATCH_SIZE):
             index = order[start:start + BATCH_SIZE]
-            loss = F.cross_entropy(model(task.train.x[index]), task.train.y[index])
+            loss = F.cross_entropy(model(model_input(task.train.x[index])), task.train.y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -56,6 +56,7 @@ class RunConfig:
     seed: int = 0
     joint: bool = False
     device: str = "cpu"
+    threads: int | None = None  # torch's intra-op threads; None: torch's own choice, recorded
     strategy: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -64,6 +65,8 @@ class RunConfig:
         # Strategies derive their own seeds from it (seed + a constant): keep room below 2**64.
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.hidden is not None and any(size <= 0 for size in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {list(self.hidden)}")
 
@@ -289,6 +292,8 @@ def build(config: RunConfig) -> Built:
     Nothing is written here: whatever is wrong with the inputs fails before a run directory
     exists.
     """
+    import torch
+
     from cl.sampling import cap_stream
 
     checked = plan(config)
@@ -318,8 +323,11 @@ def build(config: RunConfig) -> Built:
             hidden = tuple(inspect.signature(checked.build_model).parameters["hidden"].default)
         model = build_model(checked, config, stream, hidden)
     checked.strategy.check(model, stream, config.joint)
+    # The thread count is recorded: CPU results can depend on how reductions are split.
+    threads = config.threads if config.threads is not None else torch.get_num_threads()
     resolved = dataclasses.replace(config, hidden=hidden, scenario=stream.scenario,
-                                   tasks=format_spec(checked.stream_name, checked.stream_params))
+                                   tasks=format_spec(checked.stream_name, checked.stream_params),
+                                   threads=threads)
     return Built(resolved, stream, model, checked.strategy, checked.train, given)
 
 
@@ -464,6 +472,8 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
     last finished task (from the start when there is none yet).
     `logs` names the optional training logs to write as the run goes ("csv", "tensorboard").
     """
+    import torch
+
     from cl import store
     from cl.logs import Logs, chain_listeners, check_log_formats
     from cl.runner import run
@@ -482,6 +492,11 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
                                         f"({store.METRICS})")
             state = store.read_checkpoint(run_dir)
             if state is not None:
+                saved_threads = state["config"].get("threads")
+                if config.threads is None and saved_threads is not None:
+                    # Not asked for (an ablation's worker): go on with the count it started with.
+                    built = dataclasses.replace(built, config=dataclasses.replace(
+                        built.config, threads=saved_threads))
                 check_same_run(state["config"], built.config.to_dict(), run_dir)
             else:  # killed before its first task ended (or its checkpoint/ was deleted)
                 log.warning("%s has no checkpoint: the run starts again from its first task",
@@ -496,6 +511,7 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
                                    built.strategy.artifacts())
 
         training_logs = Logs(logs, run_dir)
+        torch.set_num_threads(built.config.threads)
         try:
             result = run(built.model, built.stream, built.strategy, built.train,
                          listener=chain_listeners(training_logs if logs else None, listener),

@@ -10,7 +10,8 @@ not evaluated; and `task_end_steps` (T_trained,), the global step at which train
 ended. The curve holds an evaluation at exactly each task end step, of at least every task seen
 so far.
 
-Pure numpy: scikit-learn is imported only inside the two functions that need it, and torch never.
+Pure numpy, imported at the end of every run: no scikit-learn (its import alone cost a run 1.3 s of
+CPU and 120 MB), no torch.
 """
 
 from __future__ import annotations
@@ -232,29 +233,43 @@ def macro_f1_per_task(y_true: list[np.ndarray], y_pred: list[np.ndarray],
                       classes: list[Sequence[int]]) -> list[float]:
     """Macro-averaged F1 of each task over that task's own classes.
 
-    F1_t = sklearn f1_score(y_true[t], y_pred[t], average="macro", labels=classes[t],
-    zero_division=0): a prediction outside the task's classes counts as a miss, never as a
-    class of its own.
+    F1_t is the mean over the task's classes c of 2 TP_c / (2 TP_c + FP_c + FN_c) (0 when the
+    class is neither true nor predicted): scikit-learn's `f1_score(average="macro",
+    labels=classes[t], zero_division=0)`. A prediction outside the task's classes counts as a
+    miss, never as a class of its own.
     """
-    from sklearn.metrics import f1_score
-
     if not len(y_true) == len(y_pred) == len(classes):
         raise ValueError(f"y_true, y_pred and classes must have one entry per task, "
                          f"got {len(y_true)}, {len(y_pred)} and {len(classes)}")
     scores = []
     for task, (truth, predicted, labels) in enumerate(zip(y_true, y_pred, classes, strict=True)):
+        truth, predicted = np.asarray(truth).ravel(), np.asarray(predicted).ravel()
         if len(truth) == 0:
             raise ValueError(f"task {task} has no test samples to score")
-        scores.append(float(f1_score(truth, predicted, average="macro", labels=list(labels),
-                                     zero_division=0)))
+        if len(predicted) != len(truth):
+            raise ValueError(f"task {task}: {len(truth)} labels but {len(predicted)} predictions")
+        labels = np.asarray(list(labels))
+        is_true = truth[None, :] == labels[:, None]  # (classes, rows)
+        is_predicted = predicted[None, :] == labels[:, None]
+        hits = (is_true & is_predicted).sum(axis=1)
+        wrong = is_true.sum(axis=1) + is_predicted.sum(axis=1)  # 2 TP + FP + FN
+        f1 = np.divide(2.0 * hits, wrong, out=np.zeros(len(labels)), where=wrong > 0)
+        scores.append(float(f1.mean()))
     return scores
 
 
 def confusion(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
     """Confusion matrix (num_classes, num_classes): entry [a, b] counts true class a predicted b."""
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+    truth, predicted = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    if len(truth) != len(predicted):
+        raise ValueError(f"{len(truth)} labels but {len(predicted)} predictions")
+    for name, values in (("label", truth), ("prediction", predicted)):
+        outside = values[(values < 0) | (values >= num_classes)]
+        if outside.size:
+            raise ValueError(f"{name} {outside[0]} is not a class id below {num_classes}")
+    counts = np.bincount(truth.astype(np.int64) * num_classes + predicted.astype(np.int64),
+                         minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
 
 
 def summarize(R: ArrayLike, initial: ArrayLike, steps: ArrayLike, accuracy: ArrayLike,

@@ -35,12 +35,20 @@ def trim_padding(x: dict[str, Tensor]) -> dict[str, Tensor]:
             for key, value in x.items()}
 
 
+def model_input(x: Tensor) -> Tensor:
+    """`x` as the model takes it: uint8 tensors are images in 0..255, which streams keep as they
+    are (a quarter of float32's memory, in the stream and in replay buffers) and which become
+    float32 in [0, 1] here, one batch at a time, by the same operation a loader would apply
+    (`float32(x) / 255`, so the values are bit for bit the same)."""
+    return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x
+
+
 def logits_of(model: nn.Module, x: Inputs) -> Tensor:
     """The model's logits for `x`: a transformers model takes `**x` (padding trimmed) and
-    returns `.logits`."""
+    returns `.logits`; uint8 images are scaled to [0, 1] first (`model_input`)."""
     if isinstance(x, dict):
         return model(**trim_padding(x)).logits
-    return model(x)
+    return model(model_input(x))
 
 
 def initialise(model: nn.Module, init: str) -> nn.Module:

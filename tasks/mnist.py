@@ -21,7 +21,8 @@ def _is_npz_path(data: str) -> bool:
 
 
 def load_mnist(data: str | os.PathLike | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x_train, y_train, x_test, y_test: float32 (N, 1, 28, 28) in [0, 1] and int64 labels 0..9.
+    """x_train, y_train, x_test, y_test: (N, 1, 28, 28) images, uint8 pixels as the file holds
+    them (or float32 in [0, 1]), and int64 labels 0..9.
 
     `data` is a Keras-layout .npz file (x_train (N, 28, 28) uint8, y_train (N,), x_test,
     y_test); None loads the hub dataset "ylecun/mnist"; any other string (a local directory,
@@ -54,8 +55,8 @@ def _load_npz(path: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28):
             raise DataError(f"{path}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
-        if x.dtype == np.uint8:
-            images = torch.from_numpy(x).to(torch.float32).div_(255)
+        if x.dtype == np.uint8:  # kept as pixels: scaled per batch (cl.models.model_input)
+            images = torch.from_numpy(x)
         elif x.dtype.kind == "f":
             if len(x) and (x.min() < 0 or x.max() > 1):
                 raise DataError(f"{path}: x_{split} holds floats outside [0, 1]; "

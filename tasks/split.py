@@ -1,7 +1,8 @@
 """Generic stream builders over in-memory arrays: class splits, pixel permutations, rotations.
 
 Each builder takes a train and a test set (numpy arrays or tensors), checks them, and returns a
-`Stream` of tensors: x as float32 with the input's per-row shape, y as int64 global class ids.
+`Stream` of tensors: x as float32 (or uint8 pixels) with the input's per-row shape, y as int64
+global class ids.
 Labels are first mapped to 0..C-1 by sorted unique value, so any integer labels work.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cl.errors import DataError, UsageError
+from cl.models import model_input
 from cl.types import SCENARIOS, Split, Stream, Task
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ DEFAULT_CLASSES_PER_TASK = 2
 
 def check_arrays(x_train: Any, y_train: Any, x_test: Any, y_test: Any
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Train and test arrays as tensors (x float32, y int64), or a DataError on what is wrong."""
+    """Train and test arrays as tensors (x float32, or uint8 pixels when both splits are uint8;
+    y int64), or a DataError on what is wrong."""
     xs = {"x_train": x_train, "x_test": x_test}
     ys = {"y_train": y_train, "y_test": y_test}
     tensors: dict[str, Tensor] = {}
@@ -41,15 +44,23 @@ def check_arrays(x_train: Any, y_train: Any, x_test: Any, y_test: Any
             raise DataError(f"{key} must be 1-D integer class ids, "
                             f"got shape {tuple(y.shape)} of {y.dtype}")
         tensors[key] = y.to(torch.int64)
+    # uint8 images stay pixels when both splits hold them: a quarter of float32's memory,
+    # scaled to [0, 1] one batch at a time (cl.models.model_input).
+    pixels = all(tensors[key].dtype == torch.uint8 for key in xs)
+    if not pixels and any(tensors[key].dtype == torch.uint8 for key in xs):
+        raise DataError(f"x_train is {tensors['x_train'].dtype} but x_test is "
+                        f"{tensors['x_test'].dtype}: give both as uint8 pixels or both as float "
+                        "features (e.g. pixels / 255)")
     for key in xs:
         x = tensors[key]
         if x.ndim < 2:
             raise DataError(f"{key} must have one row per example (N, ...), "
                             f"got shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
+        if not (pixels or x.dtype.is_floating_point):
             raise DataError(f"{key} has dtype {x.dtype}; pass float features "
-                            "(e.g. pixels / 255)")
-        tensors[key] = x.to(torch.float32)
+                            "(e.g. pixels / 255) or uint8 pixels")
+        if not pixels:
+            tensors[key] = x.to(torch.float32)
     for split in ("train", "test"):
         x, y = tensors[f"x_{split}"], tensors[f"y_{split}"]
         if len(x) != len(y):
@@ -251,7 +262,8 @@ def rotated_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: A
     if num_tasks is None:
         raise UsageError("rotated streams need a number of tasks or a list of angles")
     check_positive(num_tasks, "num_tasks")
-    arrays = check_arrays(x_train, y_train, x_test, y_test)
+    x_train, y_train, x_test, y_test = check_arrays(x_train, y_train, x_test, y_test)
+    arrays = (model_input(x_train), y_train, model_input(x_test), y_test)  # rotation needs floats
     if arrays[0].ndim != 4:
         raise DataError(f"rotation needs images of shape (N, C, H, W), "
                         f"got rows of shape {tuple(arrays[0].shape[1:])}")

@@ -207,6 +207,34 @@ def test_resume_refuses_a_half_deleted_checkpoint_and_restarts_without_one(tmp_p
     assert np.array_equal(matrix(out), matrix(straight))
 
 
+def test_the_thread_count_is_recorded_and_a_resumed_run_keeps_it(tmp_path):
+    import torch
+
+    from cl.experiment import execute, make_config
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    interrupted_run(out, threads=1)
+    assert json.loads((out / "config.json").read_text())["threads"] == 1
+    try:
+        # An ablation's worker resumes with whatever --threads it got this time: the run goes
+        # on with the count it was started with, not refused as an edited config.
+        torch.set_num_threads(2)
+        _, metrics = execute(make_config({"epochs": 1}), out, resume=True)
+        assert metrics["resumed_from"] == 1 and torch.get_num_threads() == 1
+        assert json.loads((out / "config.json").read_text())["threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    # Not given: torch's own choice, recorded (here in a fresh process, as a user starts it).
+    result = subprocess.run([CL, "run", "--out", str(tmp_path / "default"), *FAST],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((tmp_path / "default" / "config.json").read_text())["threads"]
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True)
+    assert recorded == int(probe.stdout)
+
+
 def test_a_polite_kill_of_a_run_is_one_line_and_leaves_it_resumable(tmp_path):
     import signal
 

@@ -274,3 +274,36 @@ def test_strategy_state_round_trips_through_chain():
     chain.load_state_dict({"a": {}})
     with pytest.raises(ValueError, match="not in the chain: zzz"):
         chain.load_state_dict({"zzz": {}})
+
+
+def test_torchs_one_time_optimizer_import_is_paid_before_the_timed_training():
+    # The first optimizer of a process imports torch._dynamo (about 1.3 s); inside task 0's
+    # train_seconds it made the reported training time of short runs misleading. Checked in a
+    # fresh process (this one imported it long ago): it is loaded before the first task starts.
+    code = """
+import sys
+from helpers import blob_stream, tiny_model
+from cl.runner import TrainConfig, run
+from cl.strategy import Strategy
+
+class Probe(Strategy):
+    name = "probe"
+    def __init__(self):
+        self.loaded = []
+    def before_task(self, model, task):
+        self.loaded.append("torch._dynamo" in sys.modules)
+
+probe = Probe()
+stream = blob_stream(num_tasks=2)
+run(tiny_model(stream), stream, probe, TrainConfig(batch_size=4))
+print(probe.loaded)
+"""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(__file__)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": tests}, cwd=tests)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True, True]"

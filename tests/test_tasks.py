@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cl.errors import DataError, UsageError
+from cl.models import model_input
 from cl.types import StreamOptions
 from tasks import builtin, load_image_classification, load_mnist, load_npz
 from tasks.split import permuted_stream, rotate, rotated_stream, split_stream
@@ -213,11 +214,22 @@ def test_load_mnist_from_npz(tmp_path):
     np.savez(tmp_path / "mnist.npz", **arrays)
     x_train, y_train, x_test, y_test = load_mnist(str(tmp_path / "mnist.npz"))
     assert x_train.shape == (50, 1, 28, 28) and x_test.shape == (20, 1, 28, 28)
-    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
-    assert torch.allclose(x_train[:, 0], torch.as_tensor(arrays["x_train"]) / 255.0)
+    # Pixels stay uint8 (a quarter of float32's memory) and are scaled as they enter the model,
+    # to exactly the values float32(x) / 255 that a loader would have stored.
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    assert torch.equal(x_train[:, 0], torch.as_tensor(arrays["x_train"]))
+    assert torch.equal(model_input(x_train)[:, 0],
+                       torch.from_numpy(arrays["x_train"].astype(np.float32) / np.float32(255)))
     assert torch.equal(y_test, torch.as_tensor(arrays["y_test"]))
     stream = builtin.split_mnist(StreamOptions(data=str(tmp_path / "mnist.npz")))
     assert len(stream) == 5 and sum(len(task.train) for task in stream.tasks) == 50
+    assert all(task.train.x.dtype == torch.uint8 for task in stream.tasks)
+    # Permuted streams keep them too; rotation works on floats (it interpolates).
+    permuted = builtin.permuted_mnist(StreamOptions(data=str(tmp_path / "mnist.npz"),
+                                                    num_tasks=3))
+    assert all(task.test.x.dtype == torch.uint8 for task in permuted.tasks)
+    rotated = builtin.rotated_mnist(StreamOptions(data=str(tmp_path / "mnist.npz"), num_tasks=2))
+    assert torch.equal(rotated.tasks[0].train.x, model_input(x_train))
 
 
 def _write(path, arrays):

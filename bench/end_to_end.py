@@ -1,0 +1,130 @@
+"""`cl run` end to end against `bench/hand_written.py`: whole processes, start to exit.
+
+Each pair runs the two commands below in fresh processes, one after the other, alternating which
+goes first; at least 5 pairs for each thread count (1 and 2). From each process it measures the
+wall time (start to exit), the CPU time (user + system, from `wait4`) and the peak RSS, and it
+checks that both accuracy matrices are equal bit for bit (the same work was done). The minimum and
+median of each, and the ratios cl / hand-written of the medians (and of the minimums), go to
+`bench/results/end_to_end.json`.
+
+    cl run --tasks split-mnist --data MNIST --hidden 400,400 --lr 0.01 --batch-size 128 \
+        --epochs 1 --threads N
+    python bench/hand_written.py --data MNIST --threads N
+
+It also runs a 20-task Permuted MNIST (`--permuted-tasks`, same model and settings) once and
+records its wall time and peak RSS.
+
+    python bench/end_to_end.py --data ../shared/data/mnist.npz [--pairs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = ["--hidden", "400,400", "--lr", "0.01", "--batch-size", "128", "--epochs", "1"]
+
+
+def measure(command: list[str]) -> dict:
+    """Run `command` to its end: wall seconds, CPU seconds, peak RSS in MB, and its stdout."""
+    with tempfile.TemporaryFile() as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+        output.seek(0)
+        stdout = output.read().decode()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
+
+
+def cl_command(data: str, threads: int, out: Path) -> list[str]:
+    script = shutil.which("cl") or str(Path(sys.executable).parent / "cl")
+    return [script, "run", "--tasks", "split-mnist", "--data", data, *SETTINGS,
+            "--threads", str(threads), "--out", str(out)]
+
+
+def summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="Keras-layout mnist.npz")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--threads", default="1,2", help="thread counts to measure")
+    parser.add_argument("--permuted-tasks", type=int, default=20, help="0: skip")
+    parser.add_argument("--out", default=str(HERE / "results" / "end_to_end.json"))
+    args = parser.parse_args()
+    data = str(Path(args.data).resolve())
+
+    results: dict = {"workload": "cl run --tasks split-mnist " + " ".join(SETTINGS),
+                     "pairs": args.pairs, "by_threads": {},
+                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for threads in [int(part) for part in args.threads.split(",")]:
+            samples: dict[str, list[dict]] = {"cl": [], "hand": []}
+            for pair in range(args.pairs):
+                out = Path(scratch) / f"run-{threads}-{pair}"
+                commands = {"cl": cl_command(data, threads, out),
+                            "hand": [sys.executable, str(HERE / "hand_written.py"), "--data",
+                                     data, "--threads", str(threads)]}
+                order = ["cl", "hand"] if pair % 2 == 0 else ["hand", "cl"]
+                for side in order:
+                    samples[side].append(measure(commands[side]))
+                cl_matrix = json.loads((out / "metrics.json").read_text())["accuracy_matrix"]
+                hand_matrix = json.loads(samples["hand"][-1]["stdout"])["accuracy_matrix"]
+                if cl_matrix != hand_matrix:
+                    raise SystemExit("the accuracy matrices differ: not the same work")
+                print(f"threads {threads} pair {pair + 1}: cl "
+                      f"{samples['cl'][-1]['wall_s']:.2f} s, hand "
+                      f"{samples['hand'][-1]['wall_s']:.2f} s", file=sys.stderr)
+            entry: dict = {"accuracy_matrix": cl_matrix, "matrices_equal": True}
+            for side, runs in samples.items():
+                entry[side] = {key: summary([run[key] for run in runs])
+                               for key in ("wall_s", "cpu_s", "peak_rss_mb")}
+            entry["ratio_cl_over_hand"] = {
+                key: {stat: entry["cl"][key][stat] / entry["hand"][key][stat]
+                      for stat in ("min", "median")}
+                for key in ("wall_s", "cpu_s", "peak_rss_mb")}
+            results["by_threads"][str(threads)] = entry
+
+        if args.permuted_tasks:
+            out = Path(scratch) / "permuted"
+            command = cl_command(data, 1, out)
+            command[command.index("split-mnist")] = "permuted-mnist"
+            command += ["--num-tasks", str(args.permuted_tasks)]
+            measured = measure(command)
+            metrics = json.loads((out / "metrics.json").read_text())
+            results["permuted_mnist"] = {
+                "command": " ".join(["cl run --tasks permuted-mnist --data MNIST", *SETTINGS,
+                                     "--threads 1 --num-tasks", str(args.permuted_tasks)]),
+                "num_tasks": args.permuted_tasks, "threads": 1,
+                "wall_s": measured["wall_s"], "cpu_s": measured["cpu_s"],
+                "peak_rss_mb": measured["peak_rss_mb"], "acc": metrics["acc"],
+                "train_seconds": metrics["train_seconds"],
+                "eval_seconds": metrics["eval_seconds"]}
+    results["date"] = time.strftime("%Y-%m-%d")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({threads: entry["ratio_cl_over_hand"]
+                      for threads, entry in results["by_threads"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
