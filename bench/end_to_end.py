@@ -37,18 +37,18 @@ SETTINGS = ["--hidden", "400,400", "--lr", "0.01", "--batch-size", "128", "--epo
 
 def measure(command: list[str]) -> dict:
     """Run `command` to its end: wall seconds, CPU seconds, peak RSS in MB, and its stdout."""
-    with tempfile.TemporaryFile() as output:
+    # Both streams go to files: a pipe left unread until the end could fill and stall the child.
+    with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.PIPE)
+        process = subprocess.Popen(command, stdout=output, stderr=errors)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stderr = process.stderr.read().decode()
-        process.stderr.close()
+        code = os.waitstatus_to_exitcode(status)
         output.seek(0)
-        stdout = output.read().decode()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")
+        errors.seek(0)
+        stdout, stderr = output.read().decode(), errors.read().decode()
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({code}): {stderr}")
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
 

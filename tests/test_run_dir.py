@@ -144,12 +144,17 @@ class StopAfterFirstCheckpoint:
             raise KeyboardInterrupt
 
 
-def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, capsys):
+def interrupted_run(out: Path, **settings) -> None:
+    """A run in `out` stopped while its second task trains: task 0 is in its checkpoint."""
     from cl.experiment import execute, make_config
 
-    out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        execute(make_config({"epochs": 1}), out, listener=StopAfterFirstCheckpoint())
+        execute(make_config({"epochs": 1, **settings}), out, listener=StopAfterFirstCheckpoint())
+
+
+def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    interrupted_run(out)
     assert not store.is_locked(out)  # the interrupted process let go of it
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "strategy": ["ema"]}))
@@ -161,14 +166,6 @@ def test_resume_refuses_a_config_edited_since_the_checkpoint(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(config))
     assert cl("run", "--resume", out) == 0
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 1
-
-
-def interrupted_run(out: Path, **settings) -> None:
-    """A run in `out` stopped while its second task trains: task 0 is in its checkpoint."""
-    from cl.experiment import execute, make_config
-
-    with pytest.raises(KeyboardInterrupt):
-        execute(make_config({"epochs": 1, **settings}), out, listener=StopAfterFirstCheckpoint())
 
 
 def test_resume_refuses_a_checkpoint_model_of_another_model(tmp_path, capsys):
