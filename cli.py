@@ -87,7 +87,14 @@ def run_command(
                                                "forward pass [1024]")] = None,
     log_every: Annotated[str | None, Opt(metavar="INT", help="Steps per logged mean loss "
                                          "[50]")] = None,
+    eval_on: Annotated[str | None, Opt(help="Tasks evaluated before training and after each "
+                                       "task: all (R in full), seen (tasks trained so far), "
+                                       "final (all, after the last task only) [all]")] = None,
+    eval_tokens: Annotated[str | None, Opt(metavar="INT", help="Token budget of a text "
+                                           "evaluation batch (rows by length) [4096]")] = None,
     device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, mps [cpu]")] = None,
+    precision: Annotated[str | None, Opt(help="fp32, or bf16 (bfloat16 autocast) [fp32]")
+                         ] = None,
     threads: Annotated[str | None, Opt(metavar="INT", help="Torch CPU threads, recorded in "
                                        "config.json [torch's own choice]")] = None,
     strategy: Annotated[list[str] | None, Opt(help="Strategy spec name or name:key=value,... "
@@ -120,6 +127,7 @@ def run_command(
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
              "epochs": epochs, "seed": seed, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "log_every": log_every, "device": device,
+             "eval_on": eval_on, "eval_tokens": eval_tokens, "precision": precision,
              "threads": threads, "strategy": strategy, "joint": joint}
     given = sorted(key for key, value in flags.items() if value is not None)
     if resume is not None:
@@ -344,7 +352,8 @@ def _progress(console):
 
 
 def _fmt(value: Any, percent: bool = True) -> str:
-    if value is None:
+    """A figure for the console; "-" where there is none (a task not evaluated is NaN)."""
+    if value is None or value != value:
         return "-"
     return f"{100 * value:.2f}" if percent else f"{value:.3f}"
 

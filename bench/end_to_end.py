@@ -11,8 +11,9 @@ median of each, and the ratios cl / hand-written of the medians (and of the mini
         --epochs 1 --threads N
     python bench/hand_written.py --data MNIST --threads N
 
-It also runs a 20-task Permuted MNIST (`--permuted-tasks`, same model and settings) once and
-records its wall time and peak RSS.
+It also runs a 20-task Permuted MNIST (`--permuted-tasks`, same model and settings) once with
+every task evaluated after every task and once with `--eval-on final`, recording their wall
+time and peak RSS, and times `cl list` (start to exit).
 
     python bench/end_to_end.py --data ../shared/data/mnist.npz [--pairs 5]
 """
@@ -104,21 +105,34 @@ def main() -> None:
                 for key in ("wall_s", "cpu_s", "peak_rss_mb")}
             results["by_threads"][str(threads)] = entry
 
-        if args.permuted_tasks:
-            out = Path(scratch) / "permuted"
+        for eval_on in ("all", "final") if args.permuted_tasks else ():
+            # The full R (every task after every task: O(T^2) evaluations), then only the
+            # final row, which a user who wants ACC alone asks for.
+            out = Path(scratch) / f"permuted-{eval_on}"
             command = cl_command(data, 1, out)
             command[command.index("split-mnist")] = "permuted-mnist"
-            command += ["--num-tasks", str(args.permuted_tasks)]
+            command += ["--num-tasks", str(args.permuted_tasks), "--eval-on", eval_on]
             measured = measure(command)
             metrics = json.loads((out / "metrics.json").read_text())
-            results["permuted_mnist"] = {
+            key = "permuted_mnist" if eval_on == "all" else "permuted_mnist_final_only"
+            results[key] = {
                 "command": " ".join(["cl run --tasks permuted-mnist --data MNIST", *SETTINGS,
-                                     "--threads 1 --num-tasks", str(args.permuted_tasks)]),
+                                     "--threads 1 --num-tasks", str(args.permuted_tasks),
+                                     "--eval-on", eval_on]),
                 "num_tasks": args.permuted_tasks, "threads": 1,
                 "wall_s": measured["wall_s"], "cpu_s": measured["cpu_s"],
                 "peak_rss_mb": measured["peak_rss_mb"], "acc": metrics["acc"],
+                "final_row": metrics["accuracy_matrix"][-1],
                 "train_seconds": metrics["train_seconds"],
                 "eval_seconds": metrics["eval_seconds"]}
+            print(f"permuted-mnist x{args.permuted_tasks}, eval on {eval_on}: "
+                  f"{measured['wall_s']:.1f} s, {measured['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr)
+    # `cl list` imports neither torch nor the strategies: it reads their source.
+    script = shutil.which("cl") or str(Path(sys.executable).parent / "cl")
+    listing = [measure([script, "list"]) for _ in range(args.pairs)]
+    results["cl_list"] = {key: summary([run[key] for run in listing])
+                          for key in ("wall_s", "cpu_s", "peak_rss_mb")}
     results["date"] = time.strftime("%Y-%m-%d")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

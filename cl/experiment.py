@@ -56,6 +56,9 @@ class RunConfig:
     seed: int = 0
     joint: bool = False
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": bfloat16 autocast around forward passes and losses
+    eval_on: str = "all"  # after each task evaluate all tasks, the seen ones, or only at the end
+    eval_tokens: int = 4096  # a text evaluation batch's token budget (rows x padded width)
     threads: int | None = None  # torch's intra-op threads; None: torch's own choice, recorded
     strategy: tuple[str, ...] = ()
 
@@ -362,6 +365,16 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def torch_peak_gpu_mb(device: str) -> float | None:
+    """Peak memory allocated for tensors on a CUDA `device` in this process, in MiB; None
+    elsewhere."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+
+
 def versions() -> dict[str, str]:
     import numpy
     import torch
@@ -417,6 +430,8 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         "train_samples_per_second": result.train_rows / max(result.train_seconds, 1e-9),
         "eval_samples_per_second": result.eval_rows / max(result.eval_seconds, 1e-9),
         "peak_rss_mb": peak_rss_mb(),
+        # The accelerator's own peak (allocated tensors), where the run had one.
+        "peak_gpu_memory_mb": torch_peak_gpu_mb(built.config.device),
         "trainable_parameters": trainable_parameters(built.model),
         "strategies": built.strategy.report(),
         "resumed_from": result.resumed_from,
@@ -452,8 +467,10 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume with settings other than those the checkpoint was trained with (an
     edited config.json): the result would be neither run."""
+    # A setting newer than the checkpoint's cl has its default there.
+    defaults = RunConfig().to_dict()
     differing = [key for key in sorted(set(saved) | set(current))
-                 if saved.get(key) != current.get(key)]
+                 if saved.get(key, defaults.get(key)) != current.get(key)]
     if differing:
         key = differing[0]
         raise UsageError(f"{run_dir / 'config.json'} no longer matches its checkpoint: {key} is "
@@ -512,6 +529,8 @@ def execute(config: RunConfig, out: str | Path | None = None, listener=None,
 
         training_logs = Logs(logs, run_dir)
         torch.set_num_threads(built.config.threads)
+        if built.config.device.startswith("cuda"):  # this run's peak, not an earlier one's
+            torch.cuda.reset_peak_memory_stats(torch.device(built.config.device))
         try:
             result = run(built.model, built.stream, built.strategy, built.train,
                          listener=chain_listeners(training_logs if logs else None, listener),

@@ -4,6 +4,13 @@
 evaluated on, entries are accuracies in [0, 1]. A joint run (one training phase over all tasks)
 gives a single row, shape (1, T); only `average_accuracy` and `summarize` accept that form.
 
+NaN means "not evaluated", in R, in the `initial` accuracies and in the curve: a run may evaluate
+only the tasks seen so far (then R[i, j] is NaN for j > i and `initial` is all NaN) or only after
+the last task (then rows 0..T-2 and `initial` are all NaN). A metric whose entries were not all
+evaluated is None, never NaN and never an error; each function says which entries it needs.
+Forgetting is the exception: it takes its max over the earlier rows that were evaluated. On a
+matrix without NaN every metric is exactly what it was before NaN were allowed.
+
 The continual-evaluation curve (De Lange et al. 2023) is three arrays: `steps` (N,), the global
 training iteration of each evaluation, non-decreasing; `accuracy` (N, T), NaN where a task was
 not evaluated; and `task_end_steps` (T_trained,), the global step at which training on each task
@@ -46,26 +53,39 @@ def _initial(initial: ArrayLike, num_tasks: int) -> np.ndarray:
     return initial
 
 
-def average_accuracy(R: ArrayLike) -> float:
+def _evaluated(values: np.ndarray) -> bool:
+    """Whether every entry of `values` was evaluated (none is NaN)."""
+    return not np.isnan(values).any()
+
+
+def average_accuracy(R: ArrayLike) -> float | None:
     """ACC = (1/T) * sum_j R[T-1, j]: mean accuracy over all tasks after training on the last.
 
     Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
     Accepts a square (T, T) matrix or the single row (1, T) of a joint run.
+    Needs the last row (every evaluation mode fills it); None if any of it is NaN.
     """
-    return float(np.mean(_matrix(R)[-1]))
+    last = _matrix(R)[-1]
+    if not _evaluated(last):
+        return None
+    return float(np.mean(last))
 
 
 def backward_transfer(R: ArrayLike) -> float | None:
     """BWT = 1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j]); negative means forgetting.
 
     Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
-    None when T == 1 (no earlier task to transfer back to).
+    None when T == 1 (no earlier task to transfer back to), and when any R[j, j] or
+    R[T-1, j] with j < T-1 is NaN (not evaluated; e.g. a run evaluated only after the last task).
     """
     R = _square(R)
     T = R.shape[0]
     if T == 1:
         return None
-    return float(np.mean(R[T - 1, : T - 1] - np.diag(R)[: T - 1]))
+    last, diagonal = R[T - 1, : T - 1], np.diag(R)[: T - 1]
+    if not (_evaluated(last) and _evaluated(diagonal)):
+        return None
+    return float(np.mean(last - diagonal))
 
 
 def forward_transfer(R: ArrayLike, initial: ArrayLike) -> float | None:
@@ -75,14 +95,18 @@ def forward_transfer(R: ArrayLike, initial: ArrayLike) -> float | None:
     the accuracy of a randomly initialised model), so FWT measures how much learning tasks
     0..j-1 helps task j before it is seen.
     Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017.
-    None when T == 1.
+    None when T == 1, and when any R[j-1, j] or initial[j] with j >= 1 is NaN (not evaluated:
+    a run that evaluates only seen tasks, or only after the last one, never measures either).
     """
     R = _square(R)
     T = R.shape[0]
     initial = _initial(initial, T)
     if T == 1:
         return None
-    return float(np.mean(np.diag(R, k=1) - initial[1:]))
+    before, untrained = np.diag(R, k=1), initial[1:]
+    if not (_evaluated(before) and _evaluated(untrained)):
+        return None
+    return float(np.mean(before - untrained))
 
 
 def forgetting_per_task(R: ArrayLike) -> np.ndarray:
@@ -92,12 +116,23 @@ def forgetting_per_task(R: ArrayLike) -> np.ndarray:
     Intransigence", ECCV 2018. As in the paper the max runs over every earlier row, including
     rows l < j from before task j was trained, so f_j can be negative when the final model is
     better on task j than any earlier one.
+
+    The max runs over the earlier rows that evaluated task j (NaN entries are skipped): with
+    only seen tasks evaluated it is max_{l in j..T-2} R[l, j]. f_j is NaN (an array of floats
+    holds no None; `summarize` writes None) when no earlier row evaluated task j, or when
+    R[T-1, j] is NaN.
     """
     R = _square(R)
     T = R.shape[0]
     if T == 1:
         return np.zeros(0)
-    return R[: T - 1, : T - 1].max(axis=0) - R[T - 1, : T - 1]
+    earlier, last = R[: T - 1, : T - 1], R[T - 1, : T - 1]
+    if _evaluated(earlier):
+        return earlier.max(axis=0) - last
+    missing = np.isnan(earlier)
+    best = np.where(missing, -np.inf, earlier).max(axis=0)  # a max selects, so it is exact
+    best[missing.all(axis=0)] = np.nan
+    return best - last
 
 
 def forgetting(R: ArrayLike) -> float | None:
@@ -105,10 +140,16 @@ def forgetting(R: ArrayLike) -> float | None:
 
     Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018. None when T == 1.
     Since the max in f_j includes l = j, f_j >= R[j, j] - R[T-1, j], hence F >= -BWT.
+    With entries not evaluated, the mean runs over the tasks whose f_j is defined (not NaN);
+    None when there is none (a run evaluated only after the last task).
     """
     per_task = forgetting_per_task(R)
     if per_task.size == 0:
         return None
+    if not _evaluated(per_task):
+        per_task = per_task[~np.isnan(per_task)]
+        if per_task.size == 0:
+            return None
     return float(np.mean(per_task))
 
 
@@ -116,9 +157,12 @@ def learning_accuracy(R: ArrayLike) -> float:
     """LA = (1/T) * sum_j R[j, j]: mean accuracy on each task just after learning it.
 
     Riemer et al., "Learning to Learn without Forgetting by Maximizing Transfer and Minimizing
-    Interference", ICLR 2019.
+    Interference", ICLR 2019. Needs the whole diagonal; None if any R[j, j] is NaN.
     """
-    return float(np.mean(np.diag(_square(R))))
+    diagonal = np.diag(_square(R))
+    if not _evaluated(diagonal):
+        return None
+    return float(np.mean(diagonal))
 
 
 def _curve(steps: ArrayLike, accuracy: ArrayLike,
@@ -146,14 +190,25 @@ def _curve(steps: ArrayLike, accuracy: ArrayLike,
 
 
 def _at_task_end(steps: np.ndarray, accuracy: np.ndarray, task_end_steps: np.ndarray,
-                 task: int) -> float:
-    """Accuracy on `task` at its own task end step (the last such evaluation, if repeated)."""
+                 task: int) -> float | None:
+    """Accuracy on `task` at its own task end step (the last such evaluation, if repeated);
+    None if it was not evaluated there."""
     values = accuracy[steps == task_end_steps[task], task]
     values = values[~np.isnan(values)]
-    if values.size == 0:
-        raise ValueError(f"the curve has no evaluation of task {task} "
-                         f"at its task end step {task_end_steps[task]}")
-    return float(values[-1])
+    return float(values[-1]) if values.size else None
+
+
+def _evaluated_at_task_ends(steps: np.ndarray, accuracy: np.ndarray,
+                            task_end_steps: np.ndarray, task: int, until: int) -> bool:
+    """Whether `task` was evaluated at every task end step after its own, up to task `until`'s.
+
+    A run that evaluates after each task (all tasks, or the ones seen so far) does so; one that
+    evaluates only after the last task does not, and then a minimum over the window
+    (task_end_steps[task], task_end_steps[until]] would only see what little was evaluated."""
+    for end in task_end_steps[task + 1: until + 1]:
+        if end > task_end_steps[task] and np.isnan(accuracy[steps == end, task]).all():
+            return False
+    return True
 
 
 def _window_min(steps: np.ndarray, accuracy: np.ndarray, task: int, after: int,
@@ -174,10 +229,20 @@ def min_accuracy(steps: ArrayLike, accuracy: ArrayLike,
     user stopping at any evaluated step would have got, where ACC only looks at task ends.
     De Lange, van de Ven & Tuytelaars, "Continual evaluation for lifelong learning: identifying
     the stability gap", ICLR 2023. None when k == 0.
+
+    Not evaluated: the minima are taken over the evaluations made, as the paper's are over its
+    evaluation period, but only where each earlier task i was evaluated at every task end step
+    after its own (task_end_steps[i+1..k]), as a run that evaluates after each task does,
+    whether it evaluates all tasks or the ones seen so far. Otherwise (a run evaluated only after
+    the last task) the "worst case" would be little more than the final accuracy, so min-ACC is
+    None.
     """
     steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
     k = task_end_steps.size - 1
     if k == 0:
+        return None
+    if not all(_evaluated_at_task_ends(steps, accuracy, task_end_steps, i, k)
+               for i in range(k)):
         return None
     minima = []
     for i in range(k):
@@ -189,7 +254,8 @@ def min_accuracy(steps: ArrayLike, accuracy: ArrayLike,
     return float(np.mean(minima))
 
 
-def worst_case_accuracy(steps: ArrayLike, accuracy: ArrayLike, task_end_steps: ArrayLike) -> float:
+def worst_case_accuracy(steps: ArrayLike, accuracy: ArrayLike,
+                        task_end_steps: ArrayLike) -> float | None:
     """WC-ACC = 1/(k+1) * a_k + (1 - 1/(k+1)) * min-ACC, with k = T_trained - 1.
 
     a_k is the accuracy on the last trained task k at its own task end step; min-ACC is
@@ -197,13 +263,17 @@ def worst_case_accuracy(steps: ArrayLike, accuracy: ArrayLike, task_end_steps: A
     ones, weighting each task equally. With k == 0 it is a_0.
     De Lange, van de Ven & Tuytelaars, "Continual evaluation for lifelong learning: identifying
     the stability gap", ICLR 2023 (their k counts from 1, hence k+1 here).
+    None when either part is: a_k not evaluated, or min-ACC None (see `min_accuracy`; a run
+    evaluated only after the last task has a_k but no min-ACC).
     """
     steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
     k = task_end_steps.size - 1
     current = _at_task_end(steps, accuracy, task_end_steps, k)
-    if k == 0:
+    if k == 0 or current is None:
         return current
     earlier = min_accuracy(steps, accuracy, task_end_steps)
+    if earlier is None:
+        return None
     return float(current / (k + 1) + (1 - 1 / (k + 1)) * earlier)
 
 
@@ -218,14 +288,22 @@ def stability_gap(steps: ArrayLike, accuracy: ArrayLike, task_end_steps: ArrayLi
     R shows. Clipped at 0 (a curve that never falls below a_i has gap 0), and 0 when no
     evaluation of task i lies in the window (the next task took no steps). Meant for plots and
     tables, not a metric from the paper's summary.
+    NaN (not evaluated) for a task i that was not evaluated at its own task end step, or, when
+    the next task took steps, not at the next task's end step (a run evaluated only after the
+    last task): there is no a_i, or no window, to compare.
     """
     steps, accuracy, task_end_steps = _curve(steps, accuracy, task_end_steps)
     k = task_end_steps.size - 1
     gaps = np.zeros(k)
     for i in range(k):
+        current = _at_task_end(steps, accuracy, task_end_steps, i)
+        if current is None or not _evaluated_at_task_ends(steps, accuracy, task_end_steps,
+                                                          i, i + 1):
+            gaps[i] = np.nan
+            continue
         worst = _window_min(steps, accuracy, i, task_end_steps[i], task_end_steps[i + 1])
         if worst is not None:
-            gaps[i] = max(0.0, _at_task_end(steps, accuracy, task_end_steps, i) - worst)
+            gaps[i] = max(0.0, current - worst)
     return gaps
 
 
@@ -280,6 +358,8 @@ def summarize(R: ArrayLike, initial: ArrayLike, steps: ArrayLike, accuracy: Arra
     "min_acc", "wc_acc". R is (T, T) for a sequential run, or (1, T) for a joint run (one
     training phase over all tasks): then only "acc" is defined, the rest are None (and
     "forgetting_per_task" is empty), since they compare states across tasks a joint run never has.
+    A metric whose entries were not evaluated (NaN) is None, as is an entry of
+    "forgetting_per_task" with no f_j; see each metric for the entries it needs.
     """
     R = _matrix(R)
     T = R.shape[1]
@@ -299,7 +379,8 @@ def summarize(R: ArrayLike, initial: ArrayLike, steps: ArrayLike, accuracy: Arra
         "bwt": backward_transfer(R),
         "fwt": forward_transfer(R, initial),
         "forgetting": forgetting(R),
-        "forgetting_per_task": [float(f) for f in forgetting_per_task(R)],
+        "forgetting_per_task": [None if np.isnan(f) else float(f)
+                                for f in forgetting_per_task(R)],
         "learning_accuracy": learning_accuracy(R),
         "min_acc": min_accuracy(steps, accuracy, task_end_steps),
         "wc_acc": worst_case_accuracy(steps, accuracy, task_end_steps),

@@ -8,6 +8,9 @@ confidence interval (Student's t, since a handful of seeds is the usual case); `
 compares two configurations seed by seed.
 The figures are drawn with matplotlib's object API (no pyplot state) and `write_report`
 writes the markdown, CSV, PNG and optional self-contained HTML files.
+A metric or accuracy a run did not evaluate (null in metrics.json: a run that evaluates only
+the tasks seen so far, or only after the last task) is missing: left out of the means and
+intervals, a dash in the tables, an empty CSV cell, null in report.json, blank in the figures.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ class Run:
         return self.metrics if self.variant is None else self.metrics["variants"][self.variant]
 
     def value(self, key: str) -> float:
-        """A metric of this run as a float (NaN where it is undefined, e.g. BWT of a joint run)."""
+        """A metric of this run as a float: NaN where metrics.json has null, a metric undefined
+        (BWT of a joint run) or not evaluated (BWT of a run evaluated only after the last task),
+        which `describe` and `paired` then leave out as missing."""
         if key == "time_seconds":
             parts = (self.metrics.get("train_seconds"), self.metrics.get("eval_seconds"))
             return math.nan if None in parts else float(sum(parts))
@@ -495,7 +500,9 @@ def _seeds_note(group: Group) -> str:
 
 
 def plot_matrix(group: Group):
-    """The accuracy matrix R as a heatmap: row i after training task i, column j task j."""
+    """The accuracy matrix R as a heatmap: row i after training task i, column j task j.
+
+    An entry not evaluated (null in metrics.json) is a blank cell without a number."""
     matrix = 100 * _mean_matrix(group)
     names = group.runs[0].metrics["task_names"]
     rows = ["joint"] if group.runs[0].metrics.get("joint") else names
@@ -503,6 +510,8 @@ def plot_matrix(group: Group):
     axes = figure.subplots()
     image = axes.imshow(matrix, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
+        if math.isnan(value):  # not evaluated: the cell stays blank
+            continue
         axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
                   color="white" if value < 60 else "black")
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)

@@ -7,6 +7,7 @@ of every task of the stream that fills one row of the accuracy matrix R.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,11 +22,13 @@ from torch import Tensor, nn
 from cl.errors import DivergenceError, UsageError
 from cl.models import eval_mode, logits_of, state_dict_mismatch
 from cl.strategy import Chain, Strategy
-from cl.types import Batch, Inputs, Split, Stream, Task, concat, take, to_device
+from cl.types import Batch, Inputs, Split, Stream, Task, concat, num_rows, take
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16")
+EVAL_ON = ("all", "seen", "final")
 
 MAIN = "main"  # the view of R itself, beside the variants strategies ask for (EMA's "live")
 
@@ -49,12 +52,23 @@ class TrainConfig:
     seed: int = 0
     joint: bool = False  # one training phase on all tasks at once: the multi-task upper bound
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": forward passes and losses under bfloat16 autocast
+    # Which tasks each after-task evaluation covers: "all" (R in full, FWT included), "seen"
+    # (tasks trained so far; R's upper triangle stays NaN), "final" (only after the last task).
+    eval_on: str = "all"
+    # Token budget of a text evaluation batch (rows x padded width, rows sorted by length).
+    eval_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             known = ", ".join(OPTIMIZERS)
             raise UsageError(f"unknown optimizer {self.optimizer!r} (known: {known})")
-        for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r} "
+                             f"(known: {', '.join(PRECISIONS)})")
+        if self.eval_on not in EVAL_ON:
+            raise UsageError(f"unknown eval_on {self.eval_on!r} (known: {', '.join(EVAL_ON)})")
+        for name in ("batch_size", "epochs", "eval_batch_size", "log_every", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         # The optimizer applies these as float32 scalars to float32 weights: a value beyond
@@ -142,8 +156,9 @@ def mask_logits(logits: Tensor, allowed: Tensor) -> Tensor:
 
 
 def joint_task(stream: Stream) -> tuple[Task, Tensor]:
-    """All tasks' training data as one task, with the original task index of every row."""
-    train = Split(concat([task.train.x for task in stream.tasks]),
+    """All tasks' training data as one task, with the original task index of every row
+    (the model's inputs of every task, made at once: a transformed stream's rows are copied)."""
+    train = Split(concat([task.train.inputs() for task in stream.tasks]),
                   torch.cat([task.train.y for task in stream.tasks]))
     task_ids = torch.cat([torch.full((len(task.train),), task.index) for task in stream.tasks])
     classes = tuple(sorted({c for task in stream.tasks for c in task.classes}))
@@ -164,8 +179,40 @@ class Evaluation:
     rows: int  # test rows forwarded (what evaluation samples/s counts)
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast around forward passes and losses for "bf16"; nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluation_batches(x: Inputs, batch_size: int, tokens: int) -> list[slice | Tensor]:
+    """The batches of rows an evaluation forwards, as slices or index tensors.
+
+    Arrays: consecutive slices of `batch_size` rows. Text (a tokenized dict with an attention
+    mask, padded on the right): rows in order of length, each batch as many rows as fit in
+    `tokens` (rows x the batch's longest row) and at most `batch_size`: short rows go in large
+    batches and long rows in small ones, so no batch pays for much padding or holds the
+    attention maps of 1024 long rows at once."""
+    rows = num_rows(x)
+    if not (isinstance(x, dict) and "attention_mask" in x):
+        return [slice(start, start + batch_size) for start in range(0, rows, batch_size)]
+    lengths, order = torch.sort(x["attention_mask"].sum(1), stable=True)
+    lengths = lengths.tolist()
+    batches: list[slice | Tensor] = []
+    start = 0
+    while start < rows:
+        end = start + 1
+        while (end < rows and end - start < batch_size
+               and (end - start + 1) * lengths[end] <= tokens):
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[Task],
-             class_mask: Tensor, batch_size: int, device: torch.device,
+             class_mask: Tensor, config: TrainConfig, device: torch.device,
              keep_predictions: bool = False) -> Evaluation:
     """Evaluate `tasks` (others are NaN), each inside the strategy's eval context.
 
@@ -180,36 +227,37 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
             allowed = class_mask[task.index]
             correct = torch.zeros((), dtype=torch.long, device=device)
             correct_masked = torch.zeros((), dtype=torch.long, device=device)
-            task_predictions = []
+            if keep_predictions:
+                task_predictions = torch.empty(len(task.test), dtype=torch.long, device=device)
             with strategy.eval_context(model, task), torch.inference_mode():
-                for start in range(0, len(task.test), batch_size):
-                    x = task.test.x
-                    x = ({k: v[start:start + batch_size] for k, v in x.items()}
-                         if isinstance(x, dict) else x[start:start + batch_size])
-                    y = task.test.y[start:start + batch_size]
-                    logits = logits_of(model, x)
+                for rows in evaluation_batches(task.test.x, config.eval_batch_size,
+                                               config.eval_tokens):
+                    x, y = task.test.rows(rows), task.test.y[rows]
+                    with autocast(config.precision, device):
+                        logits = logits_of(model, x)
                     masked_prediction = mask_logits(logits, allowed).argmax(1)
                     prediction = (masked_prediction if stream.scenario == "task"
                                   else logits.argmax(1))
                     correct += (prediction == y).sum()
                     correct_masked += (masked_prediction == y).sum()
                     if keep_predictions:
-                        task_predictions.append(prediction)
+                        task_predictions[rows] = prediction
             accuracy[task.index] = correct.item() / len(task.test)
             task_accuracy[task.index] = correct_masked.item() / len(task.test)
             if keep_predictions:
                 targets.append(task.test.y.cpu().numpy())
-                predictions.append(torch.cat(task_predictions).cpu().numpy())
+                predictions.append(task_predictions.cpu().numpy())
     return Evaluation(accuracy, task_accuracy, targets, predictions,
                       sum(len(task.test) for task in tasks))
 
 
 def stream_to_device(stream: Stream, device: torch.device) -> Stream:
+    """The stream on `device`; rows that tasks share on the host are shared there too."""
     if device.type == "cpu":
         return stream
-    tasks = tuple(Task(task.name, task.index,
-                       Split(to_device(task.train.x, device), task.train.y.to(device)),
-                       Split(to_device(task.test.x, device), task.test.y.to(device)),
+    moved: dict[int, Inputs] = {}
+    tasks = tuple(Task(task.name, task.index, task.train.to(device, moved),
+                       task.test.to(device, moved),
                        task.classes) for task in stream.tasks)
     return Stream(stream.name, tasks, stream.scenario, stream.num_classes, stream.input_shape)
 
@@ -229,75 +277,262 @@ def set_rng_state(state: dict, order_generator: torch.Generator, device: torch.d
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def task_optimizer(model: nn.Module, strategy: Strategy, task: Task,
+                   config: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over the parameters that train on `task`, in the strategy's groups."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError(f"no trainable parameters left for task {task.name!r}")
+    groups = strategy.param_groups(model, [{"params": trainable, "lr": config.lr}])
+    return make_optimizer(config, groups)
+
+
+def training_phases(stream: Stream, joint: bool) -> list[tuple[Task, Tensor]]:
+    """What each training phase trains on, with the task index of every row: one phase per
+    task, or one joint phase of every task's rows."""
+    if joint:
+        return [joint_task(stream)]
+    return [(task, torch.full((len(task.train),), task.index)) for task in stream.tasks]
+
+
+def restore(resume: dict, model: nn.Module, strategy: Strategy, views: tuple[str, ...],
+            listener: Listener | None, order_generator: torch.Generator,
+            device: torch.device) -> Progress:
+    """A checkpoint's state loaded into the freshly built model and strategy: the strategy
+    first (LoRA rebuilds its adapters), then the weights, then the RNGs; its progress back."""
+    strategy.load_state_dict(resume["strategy"])
+    problem = state_dict_mismatch(model.state_dict(), resume["model"])
+    if problem is not None:  # a model file copied in from another run
+        raise UsageError(f"the checkpoint's model does not fit this run's model: {problem}")
+    model.load_state_dict(resume["model"])
+    progress = Progress(views, listener, resume["progress"], device)
+    set_rng_state(resume["rng"], order_generator, device)
+    progress.replay_events()
+    return progress
+
+
+def training_loss(model: nn.Module, stream: Stream, strategy: Strategy, batch: Batch,
+                  task: Task, class_mask: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The step's loss (cross-entropy plus the strategy's terms), the raw logits and the terms.
+
+    Task-IL trains each row against its own task's classes; strategies see the raw logits."""
+    logits = logits_of(model, batch.x)
+    masked = mask_logits(logits, class_mask[batch.task]) if stream.scenario == "task" \
+        else logits
+    loss = F.cross_entropy(masked, batch.y)
+    terms = strategy.loss_terms(model, batch, logits, task)
+    for term in terms.values():
+        loss = loss + term
+    return loss, logits, terms
+
+
+def after_task_evaluation(stream: Stream, eval_on: str, trained: int, last: bool) -> list[Task]:
+    """The tasks evaluated once tasks 0..trained-1 are trained (`trained` 0: before training)."""
+    if eval_on == "all" or (eval_on == "final" and last):
+        return list(stream.tasks)
+    if eval_on == "seen":
+        return list(stream.tasks[:trained])
+    return []
+
+
+class LossWindow:
+    """The loss and each strategy term summed over the steps since the last log line.
+
+    The sums stay on the device, so reading them (a host synchronisation) happens once a window,
+    not once a step. They add in float64, as Python floats did when each step's loss was read
+    (the logged means are the same to the bit); float32 on MPS, which has no float64."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.first_step = 0
+
+    def add(self, task_step: int, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        if not self.steps:
+            self.first_step = task_step
+        for name, value in (("loss", loss), *terms.items()):
+            value = value.detach().to(self.dtype)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The window's mean loss and terms, in one read from the device."""
+        names = list(self.sums)
+        values = torch.stack([self.sums[name] for name in names]).tolist()
+        return {name: value / self.steps for name, value in zip(names, values, strict=True)}
+
+    def reset(self) -> None:
+        self.sums, self.steps = {}, 0
+
+
+def non_finite_inputs(x: Inputs) -> bool:
+    inputs = x.values() if isinstance(x, dict) else [x]
+    return any(value.is_floating_point() and not torch.isfinite(value).all() for value in inputs)
+
+
+def window_divergence(task: Task, window: LossWindow, means: dict[str, float],
+                      device: torch.device) -> DivergenceError:
+    """A non-finite loss found when a window closed (accelerators read the loss once a window):
+    the steps it lies in, and where it came from as far as can be told afterwards."""
+    if non_finite_inputs(task.train.x):
+        cause = "the task's training inputs hold NaN or infinite values: check the data"
+    else:
+        cause = "try a lower --lr, or rerun on the CPU (--device cpu), which reads the loss " \
+                "every step and names its exact step and cause"
+    return DivergenceError(
+        f"loss is {means['loss']} on task {task.index} ({task.name}) within steps "
+        f"{window.first_step}-{window.first_step + window.steps - 1} of that task (read "
+        f"once every {window.steps} steps on {device.type}); {cause}")
+
+
+class Progress:
+    """What a run has measured so far, as plain values: every view's after-task rows and whole
+    curve, the events, the counters and the time spent training and evaluating.
+
+    `state` is what a checkpoint carries; a resumed run builds its Progress from it and goes on.
+    Time is charged by laps: `lap("train")` charges the time since the previous lap to training,
+    `lap()` charges it to nothing (checkpoints, the optimizer's one-time import)."""
+
+    def __init__(self, views: tuple[str, ...], listener: Listener | None,
+                 state: dict | None = None, device: torch.device | None = None) -> None:
+        self.listener = listener
+        # A CUDA device runs behind the host: a lap waits for it, so that work still queued
+        # is charged to what queued it (laps come a few times a task, not every step).
+        self.synchronize = device is not None and device.type == "cuda"
+        self.state = state if state is not None else {
+            "next_phase": 0, "step": 0, "curve_steps": [], "task_end_steps": [],
+            "train_seconds": 0.0, "eval_seconds": 0.0, "events": [], "train_rows": 0,
+            "eval_rows": 0, "views": {view: {"rows": [], "task_rows": [], "curve_rows": [],
+                                             "curve_task_rows": []} for view in views}}
+        if sorted(self.state["views"]) != sorted(views):
+            raise UsageError("the checkpoint was written by a run with other strategies")
+        self.mark = time.perf_counter()
+
+    def lap(self, what: str | None = None) -> None:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if what is not None:
+            self.state[f"{what}_seconds"] += now - self.mark
+        self.mark = now
+
+    def emit(self, event: dict) -> None:
+        self.state["events"].append(event)
+        if self.listener is not None:
+            self.listener(event)
+
+    def replay_events(self) -> None:
+        """A resumed run's listener hears what the run had said before it stopped."""
+        for event in self.state["events"]:
+            if self.listener is not None and event["event"] != "step":
+                self.listener(event)
+
+    def record_initial(self, evaluations: dict[str, Evaluation]) -> None:
+        """The evaluation before any training: every view's initial row."""
+        for name, evaluation in evaluations.items():
+            self.state["views"][name]["initial"] = evaluation.accuracy.tolist()
+            self.state["views"][name]["initial_task"] = evaluation.task_accuracy.tolist()
+            self.state["eval_rows"] += evaluation.rows
+        self.emit({"event": "eval", "step": 0, "task": None,
+                   "accuracy": evaluations[MAIN].accuracy.tolist()})
+
+    def record(self, evaluations: dict[str, Evaluation], step: int, task: Task,
+               task_end: bool) -> None:
+        """One point of the curve for every view; after a task, also a row of its matrix."""
+        accuracy = evaluations[MAIN].accuracy.tolist()
+        if task_end:
+            self.emit({"event": "task_end", "step": step, "task": task.index, "name": task.name,
+                       "accuracy": accuracy})
+        else:
+            self.emit({"event": "eval", "step": step, "task": task.index,
+                       "accuracy": [None if math.isnan(a) else a for a in accuracy]})
+        self.state["curve_steps"].append(step)
+        if task_end:
+            self.state["task_end_steps"].append(step)
+        for name, evaluation in evaluations.items():
+            view = self.state["views"][name]
+            view["curve_rows"].append(evaluation.accuracy.tolist())
+            view["curve_task_rows"].append(evaluation.task_accuracy.tolist())
+            if task_end:
+                view["rows"].append(evaluation.accuracy.tolist())
+                view["task_rows"].append(evaluation.task_accuracy.tolist())
+            self.state["eval_rows"] += evaluation.rows
+
+    def result(self, num_tasks: int, class_il: bool, final: Evaluation,
+               resumed_from: int | None) -> RunResult:
+        def matrix(rows: list) -> np.ndarray:
+            return np.asarray(rows, dtype=np.float64).reshape(len(rows), num_tasks)
+
+        def measured(view: dict) -> dict[str, np.ndarray | None]:
+            """A view's matrices; the task-IL ones only where they differ in meaning."""
+            return {"accuracy": matrix(view["rows"]),
+                    "initial_accuracy": np.asarray(view["initial"], dtype=np.float64),
+                    "task_accuracy": matrix(view["task_rows"]) if class_il else None,
+                    "initial_task_accuracy": np.asarray(view["initial_task"], dtype=np.float64)
+                    if class_il else None,
+                    "curve_accuracy": matrix(view["curve_rows"]),
+                    "curve_task_accuracy": matrix(view["curve_task_rows"]) if class_il
+                    else None}
+
+        state = self.state
+        views = {name: measured(view) for name, view in state["views"].items()}
+        return RunResult(
+            **views.pop(MAIN),
+            curve_steps=np.asarray(state["curve_steps"], dtype=np.int64),
+            task_end_steps=list(state["task_end_steps"]),
+            final_targets=final.targets,
+            final_predictions=final.predictions,
+            train_seconds=state["train_seconds"],
+            eval_seconds=state["eval_seconds"],
+            steps=state["step"],
+            train_rows=state["train_rows"],
+            eval_rows=state["eval_rows"],
+            events=state["events"],
+            variants=views,
+            resumed_from=resumed_from,
+        )
+
+
 def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         config: TrainConfig = TrainConfig(), listener: Listener | None = None,
         checkpoint: Checkpointer | None = None, resume: dict | None = None) -> RunResult:
     """Train `model` on the tasks of `stream` in order and return the accuracy matrix and curves.
 
     Every evaluation (before training, every `eval_every` steps, after each task) measures R's
-    model and each variant a strategy asks for, class-IL and task-IL from the same logits, so
-    every figure derived from them comes from the same points of the run.
-
-    `listener`, when given, receives every event dict (losses, evaluations, task ends) and
-    `{"event": "step", "step": k, "total_steps": n, "task": t}` after each optimizer step (for
-    progress bars).
-    `checkpoint`, when given, receives after each task's evaluation the run state: the model's
-    and the strategy's state dicts, every RNG state, and the progress so far (plain values and
-    tensors only). Passing such a state back as `resume` continues the run right there, with
-    the same model and strategy built afresh: the result equals an uninterrupted run's, bit for
-    bit on the CPU.
-    The global RNG is seeded for the run and restored afterwards, so runs are reproducible and
-    leave the caller's random state alone.
+    model and each variant a strategy asks for, class-IL and task-IL from the same logits;
+    `config.eval_on` says which tasks those before training and after each task cover.
+    `listener` receives every event dict (losses, evaluations, task ends) and a
+    `{"event": "step", "step": k, "total_steps": n, "task": t}` after each optimizer step.
+    `checkpoint` receives after each task's evaluation the run state (state dicts, RNG states,
+    the progress: plain values and tensors); passed back as `resume`, it continues the run
+    there, with the same model and strategy built afresh, bit for bit on the CPU.
+    The loss is read every step on the CPU (a non-finite one stops the run at that step) and
+    once every `log_every` steps on an accelerator (no host synchronisation per step).
+    The global RNG is seeded for the run and restored afterwards.
     """
     strategy = strategy if strategy is not None else Chain()
     device = torch.device(config.device)
     model.to(device)
     stream = stream_to_device(stream, device)
     class_mask = stream.class_mask().to(device)
-    num_tasks = len(stream.tasks)
-    if config.joint:
-        joint, joint_task_ids = joint_task(stream)
-        phases = [(joint, joint_task_ids)]
-    else:
-        phases = [(task, torch.full((len(task.train),), task.index)) for task in stream.tasks]
+    phases = training_phases(stream, config.joint)
     steps_per_epoch = [math.ceil(len(task.train) / config.batch_size) for task, _ in phases]
     total_steps = config.epochs * sum(steps_per_epoch)
     strategy.check(model, stream, config.joint)
     variants = strategy.eval_variants()
-    # Everything measured so far: what a checkpoint carries so a resumed run can go on. Each
-    # view (R's model, then each variant) keeps its after-task rows and its whole curve.
-    progress: dict = {"next_phase": 0, "step": 0, "curve_steps": [], "task_end_steps": [],
-                      "train_seconds": 0.0, "eval_seconds": 0.0, "events": [],
-                      "train_rows": 0, "eval_rows": 0,
-                      "views": {view: {"rows": [], "task_rows": [], "curve_rows": [],
-                                       "curve_task_rows": []} for view in (MAIN, *variants)}}
-
-    def emit(event: dict) -> None:
-        progress["events"].append(event)
-        if listener is not None:
-            listener(event)
+    read_every_step = device.type == "cpu"  # reading a CPU tensor costs no synchronisation
 
     def evaluate_views(tasks: list[Task], keep_predictions: bool = False
                        ) -> dict[str, Evaluation]:
         """`tasks` evaluated as R's model, then as each variant."""
-        evaluations = {MAIN: evaluate(model, stream, strategy, tasks, class_mask,
-                                      config.eval_batch_size, device, keep_predictions)}
+        evaluations = {MAIN: evaluate(model, stream, strategy, tasks, class_mask, config,
+                                      device, keep_predictions)}
         for name in variants:
             with strategy.eval_variant(name):
                 evaluations[name] = evaluate(model, stream, strategy, tasks, class_mask,
-                                             config.eval_batch_size, device)
-        progress["eval_rows"] += sum(evaluation.rows for evaluation in evaluations.values())
+                                             config, device)
         return evaluations
-
-    def record(evaluations: dict[str, Evaluation], task_end: bool) -> None:
-        """One point of the curve for every view; after a task, also a row of its matrix."""
-        for name, evaluation in evaluations.items():
-            view = progress["views"][name]
-            view["curve_rows"].append(evaluation.accuracy.tolist())
-            view["curve_task_rows"].append(evaluation.task_accuracy.tolist())
-            if task_end:
-                view["rows"].append(evaluation.accuracy.tolist())
-                view["task_rows"].append(evaluation.task_accuracy.tolist())
 
     # Data order comes from this generator alone; the global RNG (dropout, say) is seeded too.
     order_generator = torch.Generator().manual_seed(config.seed)
@@ -307,71 +542,45 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         strategy.before_run(model, stream, config.seed)
 
         if resume is None:
-            started = time.perf_counter()
-            before = evaluate_views(list(stream.tasks))
-            for name, evaluation in before.items():
-                progress["views"][name]["initial"] = evaluation.accuracy.tolist()
-                progress["views"][name]["initial_task"] = evaluation.task_accuracy.tolist()
-            progress["eval_seconds"] += time.perf_counter() - started
-            emit({"event": "eval", "step": 0, "task": None,
-                  "accuracy": before[MAIN].accuracy.tolist()})
+            progress = Progress((MAIN, *variants), listener, device=device)
+            before = evaluate_views(after_task_evaluation(stream, config.eval_on, 0, False))
+            progress.record_initial(before)
+            progress.lap("eval")
         else:
-            # The strategy first (LoRA rebuilds its adapters), then the weights, then the RNGs.
-            strategy.load_state_dict(resume["strategy"])
-            problem = state_dict_mismatch(model.state_dict(), resume["model"])
-            if problem is not None:  # a model file copied in from another run
-                raise UsageError(f"the checkpoint's model does not fit this run's model: "
-                                 f"{problem}")
-            model.load_state_dict(resume["model"])
-            progress = resume["progress"]
-            if sorted(progress["views"]) != sorted((MAIN, *variants)):
-                raise UsageError("the checkpoint was written by a run with other strategies")
-            set_rng_state(resume["rng"], order_generator, device)
-            for event in progress["events"]:
-                if listener is not None and event["event"] != "step":
-                    listener(event)
-            log.info("resuming after task %d of %d", progress["next_phase"], len(phases))
-        resumed_from = progress["next_phase"] if resume is not None else None
+            progress = restore(resume, model, strategy, (MAIN, *variants), listener,
+                               order_generator, device)
+            log.info("resuming after task %d of %d", progress.state["next_phase"], len(phases))
+        resumed_from = progress.state["next_phase"] if resume is not None else None
         final = None
-        step = progress["step"]
+        step = progress.state["step"]
         # torch's first optimizer of a process imports torch._dynamo (about 1.3 s): paid here,
         # outside the timed training, so that train_seconds measures training.
         make_optimizer(config, [{"params": [torch.zeros(1, requires_grad=True)]}])
 
-        for phase in range(progress["next_phase"], len(phases)):
+        for phase in range(progress.state["next_phase"], len(phases)):
             task, task_ids = phases[phase]
-            started = time.perf_counter()
+            progress.lap()
             model.train()
             strategy.before_task(model, task)
             # The optimizer is rebuilt per task, after before_task has frozen or added parameters.
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            if not trainable:
-                raise UsageError(f"no trainable parameters left for task {task.name!r}")
-            groups = strategy.param_groups(model, [{"params": trainable, "lr": config.lr}])
-            optimizer = make_optimizer(config, groups)
+            optimizer = task_optimizer(model, strategy, task, config)
             task_ids = task_ids.to(device)
-            window_loss, window_terms, window_steps = 0.0, {}, 0
+            window = LossWindow(device)
             task_step = 0
             for epoch in range(config.epochs):
-                order = torch.randperm(len(task.train), generator=order_generator).to(device)
+                order = torch.randperm(len(task.train), generator=order_generator).to(
+                    device, non_blocking=True)
                 for start in range(0, len(task.train), config.batch_size):
                     index = order[start:start + config.batch_size]
-                    batch = Batch(take(task.train.x, index), task.train.y[index], task_ids[index])
+                    batch = Batch(task.train.rows(index), task.train.y[index], task_ids[index])
                     batch = strategy.transform_batch(batch, task)
-                    logits = logits_of(model, batch.x)
-                    # Task-IL trains each row against its own task's classes; strategies see
-                    # the raw logits.
-                    masked = mask_logits(logits, class_mask[batch.task]) \
-                        if stream.scenario == "task" else logits
-                    loss = F.cross_entropy(masked, batch.y)
-                    terms = strategy.loss_terms(model, batch, logits, task)
-                    for term in terms.values():
-                        loss = loss + term
-                    loss_value = loss.item()
-                    progress["train_rows"] += len(batch)
+                    with autocast(config.precision, device):
+                        loss, logits, terms = training_loss(model, stream, strategy, batch, task,
+                                                            class_mask)
+                    progress.state["train_rows"] += len(batch)
                     task_step += 1
                     step += 1
-                    if not math.isfinite(loss_value):
+                    if read_every_step and not math.isfinite(loss_value := loss.item()):
                         raise DivergenceError(
                             f"loss is {loss_value} on task {task.index} ({task.name}) at step "
                             f"{task_step} of that task (epoch {epoch + 1}); "
@@ -381,93 +590,57 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     optimizer.step()
                     strategy.after_step(model, batch, logits.detach(), task)
 
-                    window_loss += loss_value
-                    for key, value in terms.items():
-                        window_terms[key] = window_terms.get(key, 0.0) + value.item()
-                    window_steps += 1
-                    if window_steps == config.log_every:
-                        emit({"event": "loss", "step": step, "task": task.index, "epoch": epoch,
-                              "loss": window_loss / window_steps,
-                              **{k: v / window_steps for k, v in window_terms.items()}})
-                        window_loss, window_terms, window_steps = 0.0, {}, 0
+                    window.add(task_step, loss, terms)
+                    if window.steps == config.log_every:
+                        close_window(progress, window, task, step, epoch, device)
                     # A task's last step is followed by the full evaluation anyway.
                     last_step = task_step == config.epochs * steps_per_epoch[phase]
                     if config.eval_every and step % config.eval_every == 0 and not last_step:
-                        progress["train_seconds"] += time.perf_counter() - started
-                        started = time.perf_counter()
+                        progress.lap("train")
                         seen = list(stream.tasks[:task.index + 1]) if not config.joint \
                             else list(stream.tasks)
-                        during = evaluate_views(seen)
-                        progress["curve_steps"].append(step)
-                        record(during, task_end=False)
-                        emit({"event": "eval", "step": step, "task": task.index,
-                              "accuracy": [None if math.isnan(a) else a
-                                           for a in during[MAIN].accuracy.tolist()]})
-                        progress["eval_seconds"] += time.perf_counter() - started
-                        started = time.perf_counter()
+                        progress.record(evaluate_views(seen), step, task, task_end=False)
+                        progress.lap("eval")
                     if listener is not None:
                         listener({"event": "step", "step": step, "total_steps": total_steps,
                                   "task": task.index})
-            if window_steps:
-                emit({"event": "loss", "step": step, "task": task.index, "epoch": epoch,
-                      "loss": window_loss / window_steps,
-                      **{k: v / window_steps for k, v in window_terms.items()}})
+            if window.steps:
+                close_window(progress, window, task, step, epoch, device)
             strategy.after_task(model, task)
-            progress["train_seconds"] += time.perf_counter() - started
+            progress.lap("train")
 
-            started = time.perf_counter()
-            evaluations = evaluate_views(list(stream.tasks),
-                                         keep_predictions=phase == len(phases) - 1)
-            final = after = evaluations[MAIN]
-            progress["eval_seconds"] += time.perf_counter() - started
-            record(evaluations, task_end=True)
-            progress["task_end_steps"].append(step)
-            progress["curve_steps"].append(step)
-            progress["step"] = step
-            progress["next_phase"] = phase + 1
-            emit({"event": "task_end", "step": step, "task": task.index, "name": task.name,
-                  "accuracy": after.accuracy.tolist()})
-            log.info("task %d/%d (%s): mean accuracy over the stream %.4f", phase + 1,
-                     len(phases), task.name, float(after.accuracy.mean()))
+            last = phase == len(phases) - 1
+            trained = len(stream.tasks) if config.joint else task.index + 1
+            evaluations = evaluate_views(after_task_evaluation(stream, config.eval_on, trained,
+                                                               last), keep_predictions=last)
+            final = evaluations[MAIN]
+            progress.record(evaluations, step, task, task_end=True)
+            progress.lap("eval")
+            progress.state.update(step=step, next_phase=phase + 1)
+            log.info("task %d/%d (%s): mean accuracy over the evaluated tasks %.4f", phase + 1,
+                     len(phases), task.name, float(np.nanmean(final.accuracy))
+                     if final.rows else math.nan)
             if checkpoint is not None:
                 checkpoint({"model": model.state_dict(), "strategy": strategy.state_dict(),
-                            "rng": rng_state(order_generator, device), "progress": progress})
+                            "rng": rng_state(order_generator, device),
+                            "progress": progress.state})
 
         if final is None:
             # Resumed after the last task: the final predictions (confusion matrix, F1) come
             # from one more pass over the restored model.
-            final = evaluate(model, stream, strategy, list(stream.tasks), class_mask,
-                             config.eval_batch_size, device, keep_predictions=True)
-            progress["eval_rows"] += final.rows
+            final = evaluate(model, stream, strategy, list(stream.tasks), class_mask, config,
+                             device, keep_predictions=True)
+            progress.state["eval_rows"] += final.rows
 
-    class_il = stream.scenario == "class"
+    return progress.result(len(stream.tasks), stream.scenario == "class", final, resumed_from)
 
-    def matrix(rows: list) -> np.ndarray:
-        return np.asarray(rows, dtype=np.float64).reshape(len(rows), num_tasks)
 
-    def measured(view: dict) -> dict[str, np.ndarray | None]:
-        """A view's matrices; the task-IL ones only where they differ in meaning (class-IL)."""
-        return {"accuracy": matrix(view["rows"]),
-                "initial_accuracy": np.asarray(view["initial"], dtype=np.float64),
-                "task_accuracy": matrix(view["task_rows"]) if class_il else None,
-                "initial_task_accuracy": np.asarray(view["initial_task"], dtype=np.float64)
-                if class_il else None,
-                "curve_accuracy": matrix(view["curve_rows"]),
-                "curve_task_accuracy": matrix(view["curve_task_rows"]) if class_il else None}
-
-    views = {name: measured(view) for name, view in progress["views"].items()}
-    return RunResult(
-        **views.pop(MAIN),
-        curve_steps=np.asarray(progress["curve_steps"], dtype=np.int64),
-        task_end_steps=list(progress["task_end_steps"]),
-        final_targets=final.targets,
-        final_predictions=final.predictions,
-        train_seconds=progress["train_seconds"],
-        eval_seconds=progress["eval_seconds"],
-        steps=progress["step"],
-        train_rows=progress["train_rows"],
-        eval_rows=progress["eval_rows"],
-        events=progress["events"],
-        variants=views,
-        resumed_from=resumed_from,
-    )
+def close_window(progress: Progress, window: LossWindow, task: Task, step: int, epoch: int,
+                 device: torch.device) -> None:
+    """Log the window's mean loss and terms (one read from the device); a non-finite mean,
+    which only a run on an accelerator meets here, stops the run."""
+    means = window.means()
+    if not math.isfinite(means["loss"]):
+        raise window_divergence(task, window, means, device)
+    window.reset()
+    progress.emit({"event": "loss", "step": step, "task": task.index, "epoch": epoch, **means})

@@ -55,7 +55,7 @@ def cap_split(split: Split, cap: int | None, seed: list[int]) -> Split:
     if cap is None or cap >= len(split):
         return split
     index = torch.from_numpy(stratified_indices(split.y.numpy(), cap, seed))
-    return Split(take(split.x, index), split.y[index])
+    return Split(take(split.x, index), split.y[index], split.transform)
 
 
 def cap_stream(stream: Stream, train_per_task: int | None, test_per_task: int | None,

@@ -101,12 +101,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def write_matrix_csv(path: Path, row_names: list[str], column_names: list[str],
                      rows: list[list[float]]) -> None:
-    """The accuracy matrix as CSV: one row per evaluation point, one column per task."""
+    """The accuracy matrix as CSV: one row per evaluation point, one column per task; a task
+    not evaluated there (`--eval-on seen|final`) is an empty cell."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["after", *column_names])
     for name, row in zip(row_names, rows, strict=True):
-        writer.writerow([name, *(f"{value:.6f}" for value in row)])
+        writer.writerow([name, *("" if math.isnan(value) else f"{value:.6f}" for value in row)])
     atomic_write(path, buffer.getvalue())
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +24,9 @@ Inputs = Union[Tensor, dict[str, Tensor]]  # noqa: UP007 (a runtime alias on Pyt
 SCENARIOS = ("class", "task", "domain")
 
 
-def take(x: Inputs, index: Tensor) -> Inputs:
-    """Rows `index` of a tensor or of every tensor of a dict (one gather, no per-sample work)."""
+def take(x: Inputs, index: Tensor | slice) -> Inputs:
+    """Rows `index` of a tensor or of every tensor of a dict (one gather, or a view for a
+    slice; no per-sample work)."""
     if isinstance(x, dict):
         return {key: value[index] for key, value in x.items()}
     return x[index]
@@ -50,19 +51,57 @@ def num_rows(x: Inputs) -> int:
     return len(x)
 
 
+class RowTransform(Protocol):
+    """What a split applies to a batch of its stored rows to make the model's inputs (a pixel
+    permutation, a rotation): a pure function of the rows, the same for every call."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def to(self, device: torch.device | str) -> RowTransform: ...
+
+
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split (train or test) of a task: inputs `x` and global class ids `y` (int64)."""
+    """One split (train or test) of a task: stored inputs `x` and global class ids `y` (int64).
+
+    With a `transform`, the model's inputs are `transform(x[rows])`, made one batch at a time:
+    the tasks of a permuted or rotated stream share one stored copy of the data, so memory does
+    not grow with the number of tasks. Read inputs through `rows(index)` (or `inputs()` for
+    all of them), which apply it; `x` alone is the stored data."""
 
     x: Inputs
     y: Tensor
+    transform: RowTransform | None = None
 
     def __post_init__(self) -> None:
         if num_rows(self.x) != len(self.y):
             raise ValueError(f"x has {num_rows(self.x)} rows but y has {len(self.y)}")
+        if self.transform is not None and (isinstance(self.x, dict)
+                                           or not callable(self.transform)):
+            raise TypeError("a split's transform must be callable and applies to tensor "
+                            "inputs only")
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def rows(self, index: Tensor | slice) -> Inputs:
+        """The model's inputs for rows `index` (an index tensor or a slice)."""
+        x = take(self.x, index)
+        return self.transform(x) if self.transform is not None else x
+
+    def inputs(self) -> Inputs:
+        """The model's inputs for every row, all at once (the transform's output in full)."""
+        return self.transform(self.x) if self.transform is not None else self.x
+
+    def to(self, device: torch.device | str, moved: dict[int, Inputs] | None = None) -> Split:
+        """This split with its rows, labels and transform on `device`. Splits that share stored
+        rows (a permuted stream's tasks) keep sharing one copy when they pass the same `moved`
+        dict, which remembers what was moved by the identity of the stored rows."""
+        moved = moved if moved is not None else {}
+        if id(self.x) not in moved:
+            moved[id(self.x)] = to_device(self.x, device)
+        transform = self.transform.to(device) if self.transform is not None else None
+        return Split(moved[id(self.x)], self.y.to(device), transform)
 
 
 def is_index(value: Any) -> bool:

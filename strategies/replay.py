@@ -179,8 +179,9 @@ class Buffer:
         self.seen += count
         if not len(rows):
             return
-        source = rows.to(y.device)
-        target = slots.to(self.device)
+        # Index tensors drawn on the host go up without waiting for the device's queue.
+        source = rows.to(y.device, non_blocking=True)
+        target = slots.to(self.device, non_blocking=True)
         if isinstance(self.x, dict):
             for key, stored in self.x.items():
                 stored[target] = x[key][source].to(self.device)
@@ -345,7 +346,7 @@ class Buffer:
         """`min(count, len)` distinct rows drawn uniformly: (x, y, task, logits or None)."""
         if not self._size:
             raise ValueError("cannot sample from an empty buffer")
-        index = self.sample_index(count).to(self.device)
+        index = self.sample_index(count).to(self.device, non_blocking=True)
         logits = self.logits[index] if self.logits is not None else None
         return take(self.x, index), self.y[index], self.task[index], logits
 
@@ -422,6 +423,7 @@ class Replay(Strategy):
         self.config = config if config is not None else ReplayConfig()
         self.generator: torch.Generator | None = None
         self.buffer: Buffer | None = None
+        self._fresh_rows: tuple[Batch, int] | None = None  # transform_batch's last batch
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{field.name}={getattr(self.config, field.name)!r}"
@@ -444,7 +446,11 @@ class Replay(Strategy):
         replayed = Batch(x, y, task_ids, torch.ones(len(y), dtype=torch.bool, device=y.device),
                          logits)
         # Rows an earlier strategy already marked as replayed stay marked; the rest are fresh.
-        return Batch.cat([batch, replayed])
+        joined = Batch.cat([batch, replayed])
+        # When every incoming row is fresh, after_step can take them as the first rows of this
+        # batch: no look at the mask, which on an accelerator would wait for the device.
+        self._fresh_rows = (joined, len(batch)) if batch.replayed is None else None
+        return joined
 
     def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
         check_hook_arguments("replay.after_step", model=model, batch=batch, logits=logits,
@@ -452,13 +458,15 @@ class Replay(Strategy):
         self._check_started("after_step")
         if self.config.insert != "online":
             return
-        fresh = batch.fresh()
-        if not bool(fresh.all()):
-            index = fresh.nonzero().squeeze(1)
+        if batch.replayed is None:
+            x, y, task_ids = batch.x, batch.y, batch.task
+        else:
+            if self._fresh_rows is not None and self._fresh_rows[0] is batch:
+                index = slice(0, self._fresh_rows[1])
+            else:  # a batch another strategy made: read its mask
+                index = batch.fresh().nonzero().squeeze(1)
             x, y, task_ids = take(batch.x, index), batch.y[index], batch.task[index]
             logits = logits[index]
-        else:
-            x, y, task_ids = batch.x, batch.y, batch.task
         self.buffer.insert(x, y, task_ids, logits.detach() if self.config.store_logits else None)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
@@ -472,7 +480,7 @@ class Replay(Strategy):
         with eval_mode(model):
             for start in range(0, len(train), TASK_END_CHUNK):
                 index = order[start:start + TASK_END_CHUNK]
-                x = take(train.x, index)
+                x = train.rows(index)
                 logits = None
                 if self.config.store_logits:
                     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Each builder takes a train and a test set (numpy arrays or tensors), checks them, and returns a
 `Stream` of tensors: x as float32 (or uint8 pixels) with the input's per-row shape, y as int64
-global class ids.
+global class ids. Permuted and rotated streams store the data once and give each task a
+transform its batches pass through (`cl.types.Split.rows`).
 Labels are first mapped to 0..C-1 by sorted unique value, so any integer labels work.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from cl.errors import DataError, UsageError
 from cl.models import model_input
-from cl.types import SCENARIOS, Split, Stream, Task
+from cl.types import SCENARIOS, RowTransform, Split, Stream, Task
 
 logger = logging.getLogger(__name__)
 
@@ -170,26 +172,42 @@ def split_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any
                   input_shape=tuple(x_train.shape[1:]))
 
 
-def _transformed_stream(name: str, arrays: tuple[Any, Any, Any, Any], *, num_tasks: int,
-                        scenario: str, transform: Callable[[Tensor, int], Tensor],
+def _transformed_stream(name: str, arrays: tuple[Tensor, Tensor, Tensor, Tensor], *,
+                        scenario: str, transforms: Sequence[RowTransform | None],
                         task_names: Sequence[str]) -> Stream:
-    """A stream of `num_tasks` copies of the data, copy t passed through `transform(x, t)`.
+    """A stream of one task per transform: every task holds the same stored rows (one copy in
+    memory, whatever the number of tasks) and passes each batch through its own transform.
 
     Domain: labels shared (num_classes = C). Class and task: task t's labels are offset by
     t*C (num_classes = T*C), so task-IL masks each task to its own C outputs.
     """
     x_train, y_train, x_test, y_test = arrays
     y_train, y_test, num_classes = _map_labels(y_train, y_test)
+    num_tasks = len(transforms)
     tasks = []
-    for index in range(num_tasks):
+    for index, transform in enumerate(transforms):
         offset = 0 if scenario == "domain" else index * num_classes
         tasks.append(Task(name=task_names[index], index=index,
-                          train=Split(transform(x_train, index), y_train + offset),
-                          test=Split(transform(x_test, index), y_test + offset),
+                          train=Split(x_train, y_train + offset, transform),
+                          test=Split(x_test, y_test + offset, transform),
                           classes=tuple(range(offset, offset + num_classes))))
     return Stream(name=name, tasks=tuple(tasks), scenario=scenario,
                   num_classes=num_classes if scenario == "domain" else num_tasks * num_classes,
                   input_shape=tuple(x_train.shape[1:]))
+
+
+@dataclass(frozen=True, eq=False)
+class PermuteFeatures:
+    """A permuted task's inputs: each row's flattened features (C*H*W for images) reordered by
+    one fixed permutation. Exact on any dtype, so uint8 pixels stay pixels."""
+
+    permutation: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.reshape(len(x), -1)[:, self.permutation].reshape(x.shape)
+
+    def to(self, device: torch.device | str) -> PermuteFeatures:
+        return PermuteFeatures(self.permutation.to(device))
 
 
 def permuted_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
@@ -197,25 +215,19 @@ def permuted_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: 
     """Task 0 is the data as given; task t > 0 applies a seeded random permutation of features.
 
     The permutation acts on the flattened per-row features (C*H*W for images) and is the same
-    for train and test.
+    for train and test. The data is stored once; each task permutes its batches as they are
+    taken (`PermuteFeatures`).
     """
     check_scenario(scenario)
     check_positive(num_tasks, "num_tasks")
     arrays = check_arrays(x_train, y_train, x_test, y_test)
-    row_shape = arrays[0].shape[1:]
     generator = torch.Generator().manual_seed(seed)
-    num_features = math.prod(row_shape)
-    permutations = [None] + [torch.randperm(num_features, generator=generator)
-                             for _ in range(num_tasks - 1)]
-
-    def permute(x: Tensor, index: int) -> Tensor:
-        if permutations[index] is None:
-            return x
-        return x.reshape(len(x), -1)[:, permutations[index]].reshape(x.shape)
-
+    num_features = math.prod(arrays[0].shape[1:])
+    transforms = [None] + [PermuteFeatures(torch.randperm(num_features, generator=generator))
+                           for _ in range(num_tasks - 1)]
     names = ["original"] + [f"permutation {index}" for index in range(1, num_tasks)]
-    return _transformed_stream(name, arrays, num_tasks=num_tasks, scenario=scenario,
-                               transform=permute, task_names=names)
+    return _transformed_stream(name, arrays, scenario=scenario, transforms=transforms,
+                               task_names=names)
 
 
 def rotate(x: Tensor, degrees: float) -> Tensor:
@@ -262,8 +274,7 @@ def rotated_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: A
     if num_tasks is None:
         raise UsageError("rotated streams need a number of tasks or a list of angles")
     check_positive(num_tasks, "num_tasks")
-    x_train, y_train, x_test, y_test = check_arrays(x_train, y_train, x_test, y_test)
-    arrays = (model_input(x_train), y_train, model_input(x_test), y_test)  # rotation needs floats
+    arrays = check_arrays(x_train, y_train, x_test, y_test)
     if arrays[0].ndim != 4:
         raise DataError(f"rotation needs images of shape (N, C, H, W), "
                         f"got rows of shape {tuple(arrays[0].shape[1:])}")
@@ -273,6 +284,19 @@ def rotated_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: A
                                      dtype=torch.float64) * 180).tolist()
     logger.debug("rotation angles for %s: %s", name, angles)
     names = [f"rotated {angle:.1f} degrees" for angle in angles]
-    return _transformed_stream(name, arrays, num_tasks=num_tasks, scenario=scenario,
-                               transform=lambda x, index: rotate(x, angles[index]),
-                               task_names=names)
+    return _transformed_stream(name, arrays, scenario=scenario,
+                               transforms=[Rotate(angle) for angle in angles], task_names=names)
+
+
+@dataclass(frozen=True)
+class Rotate:
+    """A rotated task's inputs: the batch's images (uint8 pixels scaled first) rotated by
+    `degrees` (`rotate`); the same values as rotating every image at once."""
+
+    degrees: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return rotate(model_input(x), self.degrees)
+
+    def to(self, device: torch.device | str) -> Rotate:
+        return self

@@ -408,3 +408,20 @@ def test_the_run_table_shows_emas_live_figures_beside_the_averaged_ones(tmp_path
     assert cells == [f"{100 * value:.2f}" for value in (
         metrics["acc"], metrics["task_il"]["acc"], live["acc"], live["task_il"]["acc"])]
     assert "class-IL, live" in printed and "task-IL, live" in printed
+
+
+def test_eval_on_seen_prints_dashes_where_nothing_was_evaluated(tmp_path, capsys):
+    out = tmp_path / "seen"
+    assert cl("run", "--out", out, "--eval-on", "seen", *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and "-" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["initial_accuracy"] == [None] * 5 and metrics["fwt"] is None
+    assert metrics["accuracy_matrix"][0][1] is None and metrics["bwt"] is not None
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eval_on"], config["precision"]) == ("seen", "fp32")
+    rows = (out / "matrix.csv").read_text().splitlines()
+    assert rows[1] == "initial," + "," * 4  # nothing evaluated before training
+    assert "nan" not in (out / "matrix.csv").read_text()
+    assert cl("run", "--out", tmp_path / "bad", "--eval-on", "some", *FAST) == 2
+    assert "unknown eval_on 'some'" in capsys.readouterr().err

@@ -317,3 +317,185 @@ def test_constant_matrix_has_no_forgetting(T, value):
     R = np.full((T, T), value)
     assert backward_transfer(R) == 0
     assert forgetting(R) == 0
+
+
+# Runs that do not evaluate every task after every task (eval_on=seen / final): NaN in R, in
+# `initial` and in the curve means "not evaluated", and a metric that needs such an entry is None.
+
+def masked_seen(R: np.ndarray) -> np.ndarray:
+    """R as a run that evaluates only the tasks seen so far records it."""
+    seen = np.array(R, dtype=float)
+    seen[np.triu_indices(len(seen), k=1)] = nan
+    return seen
+
+
+def masked_final(R: np.ndarray) -> np.ndarray:
+    """R as a run that evaluates only after the last task records it."""
+    final = np.array(R, dtype=float)
+    final[:-1] = nan
+    return final
+
+
+def curves(R: np.ndarray, seed: int = 0):
+    """The curves of the three evaluation modes over R: task ends at 10, 20, ..., a periodic
+    evaluation (seen tasks only) at 3 and 7 steps into each task for "all" and "seen", none for
+    "final", whose task end rows are NaN but the last."""
+    T = len(R)
+    rng = np.random.default_rng(seed)
+    steps, rows, seen_rows = [], [], []
+    for task in range(T):
+        for offset in (3, 7):
+            row = np.full(T, nan)
+            row[: task + 1] = rng.random(task + 1)
+            steps.append(10 * task + offset)
+            rows.append(row)
+            seen_rows.append(row)
+        steps.append(10 * (task + 1))
+        rows.append(R[task])
+        seen_rows.append(masked_seen(R)[task])
+    ends = 10 * np.arange(1, T + 1)
+    return (np.array(steps), np.array(rows), np.array(seen_rows), ends, masked_final(R))
+
+
+def window_min_by_hand(steps, accuracy, task, after, until):
+    values = [accuracy[n, task] for n in range(len(steps))
+              if after < steps[n] <= until and not np.isnan(accuracy[n, task])]
+    return min(values)
+
+
+FULL = np.random.default_rng(7).uniform(0.05, 0.95, (4, 4))
+INITIAL = np.random.default_rng(8).uniform(0.0, 0.2, 4)
+
+
+def test_seen_matrix_metrics_by_hand():
+    T = len(FULL)
+    R = masked_seen(FULL)
+    assert np.isnan(R[0, 1]) and not np.isnan(R[1, 0])
+    initial = np.full(T, nan)
+    assert average_accuracy(R) == pytest.approx(sum(FULL[T - 1]) / T)
+    assert backward_transfer(R) == pytest.approx(
+        sum(FULL[T - 1, j] - FULL[j, j] for j in range(T - 1)) / (T - 1))
+    assert learning_accuracy(R) == pytest.approx(sum(FULL[j, j] for j in range(T)) / T)
+    # No R[j-1, j] and no initial accuracy: FWT was never measured (neither with a full
+    # `initial`: the entries above the diagonal are missing too).
+    assert forward_transfer(R, initial) is None
+    assert forward_transfer(R, INITIAL) is None
+    # f_j = max over the rows l = j..T-2 that evaluated task j, minus the last row.
+    by_hand = [max(FULL[row, j] for row in range(j, T - 1)) - FULL[T - 1, j] for j in range(T - 1)]
+    np.testing.assert_allclose(forgetting_per_task(R), by_hand, rtol=0, atol=1e-15)
+    assert forgetting(R) == pytest.approx(sum(by_hand) / (T - 1))
+
+    steps, full_curve, seen_curve, ends, _ = curves(FULL)
+    minima = [window_min_by_hand(steps, seen_curve, i, ends[i], ends[-1]) for i in range(T - 1)]
+    assert min_accuracy(steps, seen_curve, ends) == pytest.approx(sum(minima) / (T - 1))
+    # min-ACC only looks at tasks already trained, which both curves evaluate alike.
+    assert min_accuracy(steps, seen_curve, ends) == min_accuracy(steps, full_curve, ends)
+    wc = FULL[T - 1, T - 1] / T + (1 - 1 / T) * sum(minima) / (T - 1)
+    assert worst_case_accuracy(steps, seen_curve, ends) == pytest.approx(wc)
+    np.testing.assert_array_equal(stability_gap(steps, seen_curve, ends),
+                                  stability_gap(steps, full_curve, ends))
+
+    summary = summarize(R, initial, steps, seen_curve, ends)
+    json.dumps(summary, allow_nan=False)  # None, never NaN
+    assert summary["fwt"] is None
+    assert summary["acc"] == average_accuracy(R) and summary["bwt"] == backward_transfer(R)
+    assert summary["forgetting_per_task"] == pytest.approx(by_hand)
+    assert summary["learning_accuracy"] == learning_accuracy(R)
+    assert summary["min_acc"] == pytest.approx(sum(minima) / (T - 1))
+    assert summary["wc_acc"] == pytest.approx(wc)
+
+
+def test_seen_masking_changes_forgetting_where_the_max_was_before_training():
+    # Task 1 scores 0.9 at row 0 before it is trained (test above with all tasks evaluated:
+    # f1 = 0.6); evaluated only once seen, its best earlier value is R[1, 1] = 0.4.
+    R = masked_seen([[0.5, 0.9, 0.2],
+                     [0.6, 0.4, 0.3],
+                     [0.5, 0.3, 0.8]])
+    # f0 = max(0.5, 0.6) - 0.5 = 0.1 ; f1 = 0.4 - 0.3 = 0.1
+    np.testing.assert_allclose(forgetting_per_task(R), [0.1, 0.1])
+    assert forgetting(R) == pytest.approx(0.1)
+    assert backward_transfer(R) == pytest.approx(-0.05)
+
+
+def test_final_matrix_metrics_by_hand():
+    T = len(FULL)
+    R = masked_final(FULL)
+    initial = np.full(T, nan)
+    assert average_accuracy(R) == pytest.approx(sum(FULL[T - 1]) / T)
+    for value in (backward_transfer(R), forward_transfer(R, initial),
+                  forward_transfer(R, INITIAL), forgetting(R), learning_accuracy(R)):
+        assert value is None
+    assert forgetting_per_task(R).shape == (T - 1,)
+    assert np.isnan(forgetting_per_task(R)).all()
+
+    steps, ends = 10 * np.arange(1, T + 1), 10 * np.arange(1, T + 1)
+    curve = R  # one row per task end, NaN but the last
+    # Tasks 0..T-3 were not evaluated at the task ends between theirs and the last: no worst case.
+    assert min_accuracy(steps, curve, ends) is None
+    assert worst_case_accuracy(steps, curve, ends) is None
+    assert np.isnan(stability_gap(steps, curve, ends)).all()
+    # Up to the first task end only, the last task is task 0, evaluated there: WC-ACC = a_0.
+    # (Its row is NaN here, so it is None; the full row gives a_0.)
+    assert worst_case_accuracy(steps[:1], curve[:1], ends[:1]) is None
+    assert worst_case_accuracy(steps[:1], FULL[:1], ends[:1]) == FULL[0, 0]
+
+    summary = summarize(R, initial, steps, curve, ends)
+    json.dumps(summary, allow_nan=False)
+    assert summary["acc"] == pytest.approx(sum(FULL[T - 1]) / T)
+    assert summary["forgetting_per_task"] == [None] * (T - 1)
+    for key in KEYS - {"acc", "forgetting_per_task"}:
+        assert summary[key] is None, key
+
+
+def test_final_with_two_tasks_keeps_min_acc_over_the_one_window():
+    # With two tasks the window of task 0, (10, 20], ends at the last evaluation: min-ACC is the
+    # minimum over what was evaluated in it, as with every task evaluated after each task.
+    R = masked_final([[0.9, 0.2], [0.6, 0.8]])
+    steps, ends = np.array([10, 20]), np.array([10, 20])
+    assert min_accuracy(steps, R, ends) == 0.6
+    assert worst_case_accuracy(steps, R, ends) == pytest.approx(0.8 / 2 + 0.6 / 2)
+    # No a_0 at step 10: no stability gap of task 0.
+    assert np.isnan(stability_gap(steps, R, ends)).all()
+    summary = summarize(R, [nan, nan], steps, R, ends)
+    assert summary["acc"] == pytest.approx(0.7) and summary["min_acc"] == 0.6
+    assert summary["bwt"] is None and summary["forgetting"] is None
+
+
+def test_forgetting_averages_the_tasks_that_have_an_earlier_value():
+    R = np.array([[0.9, nan, nan],
+                  [nan, nan, nan],
+                  [0.5, 0.7, 0.9]])
+    # f0 = 0.9 - 0.5 = 0.4 ; task 1 has no earlier evaluated value
+    per_task = forgetting_per_task(R)
+    assert per_task[0] == pytest.approx(0.4) and np.isnan(per_task[1])
+    assert forgetting(R) == pytest.approx(0.4)
+    assert summarize(R, [nan] * 3, [10, 20, 30], R, [10, 20, 30])["forgetting_per_task"] == [
+        pytest.approx(0.4), None]
+    # A last row with a hole: ACC and every metric of that task are undefined.
+    R[2, 0] = nan
+    assert average_accuracy(R) is None and backward_transfer(R) is None
+    assert forgetting(R) is None
+
+
+def test_a_joint_run_with_an_unevaluated_task_has_no_acc():
+    R = np.array([[0.8, nan, 0.7]])
+    assert average_accuracy(R) is None
+    assert summarize(R, [nan] * 3, [50], R, [50])["acc"] is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(square_matrices(min_size=2))
+def test_masking_the_unseen_tasks_keeps_acc_bwt_la_and_restricts_forgetting(R):
+    seen = masked_seen(R)
+    T = len(R)
+    assert average_accuracy(seen) == average_accuracy(R)
+    assert backward_transfer(seen) == backward_transfer(R)
+    assert learning_accuracy(seen) == learning_accuracy(R)
+    assert forward_transfer(seen, np.full(T, nan)) is None
+    by_hand = np.array([max(R[row, j] for row in range(j, T - 1)) - R[T - 1, j]
+                        for j in range(T - 1)])
+    np.testing.assert_array_equal(forgetting_per_task(seen), by_hand)
+    assert forgetting(seen) == pytest.approx(float(np.mean(by_hand)), abs=1e-12)
+    # The max over fewer rows can only be smaller: F(seen) <= F(all), and still >= -BWT.
+    assert forgetting(seen) <= forgetting(R) + 1e-12
+    assert forgetting(seen) >= -backward_transfer(seen) - 1e-12

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -389,3 +390,96 @@ def test_one_value_has_a_mean_but_no_interval():
     stat = describe([0.5])
     assert stat.mean == 0.5 and math.isnan(stat.std) and math.isnan(stat.half_width)
     assert describe([math.nan, math.nan]).n == 0
+
+
+def _partly_evaluated_run(path, seed, eval_on, bwt_lost=False):
+    """A run directory written by hand as a run with `eval_on` seen or final would write it:
+    null for what it did not evaluate, in R, the initial accuracies, the curve and metrics."""
+    from cl import metrics as measures
+    from cl.store import write_json
+
+    rng = np.random.default_rng(seed)
+    T, ends = 3, [10, 20, 30]
+    R, initial = rng.uniform(0.2, 0.9, (T, T)), np.full(T, math.nan)
+    if eval_on == "seen":
+        R[np.triu_indices(T, k=1)] = math.nan
+        steps, rows = [], []
+        for task in range(T):  # a periodic evaluation of the seen tasks, then the task end
+            periodic = np.full(T, math.nan)
+            periodic[: task + 1] = rng.uniform(0.2, 0.9, task + 1)
+            steps += [ends[task] - 5, ends[task]]
+            rows += [periodic, R[task]]
+        curve = np.array(rows)
+    else:
+        R[:-1] = math.nan
+        steps, curve = list(ends), R
+    summary = measures.summarize(R, initial, steps, curve, ends)
+    if bwt_lost:
+        summary["bwt"] = None
+    path.mkdir(parents=True)
+    write_json(path / "config.json", {"seed": seed, "strategy": [], "eval_on": eval_on})
+    write_json(path / "metrics.json", {
+        "task_names": ["a", "b", "c"], "accuracy_matrix": R.tolist(),
+        "initial_accuracy": initial.tolist(), **summary,
+        "curve": {"steps": steps, "accuracy": curve.tolist(), "task_end_steps": ends},
+        "train_seconds": 1.0 + seed, "eval_seconds": 0.5, "peak_rss_mb": 100.0})
+    return path
+
+
+def test_runs_that_evaluated_only_some_tasks_are_reported_with_dashes(tmp_path, capsys):
+    root = tmp_path / "runs"
+    seen = [_partly_evaluated_run(root / f"seen-seed{seed}", seed, "seen", bwt_lost=seed == 1)
+            for seed in (0, 1, 2)]
+    final = [_partly_evaluated_run(root / f"final-seed{seed}", seed, "final")
+             for seed in (0, 1, 2)]
+    written = json.loads((seen[0] / "metrics.json").read_text())
+    assert written["accuracy_matrix"][0][1] is None and written["fwt"] is None
+    assert json.loads((final[0] / "metrics.json").read_text())["accuracy_matrix"][0] == [None] * 3
+
+    report = build_report([root])
+    assert report.found.failed == [] and len(report.found.runs) == 6
+    rows = {row["name"]: row for row in report.rows}
+    seen_values = [json.loads((path / "metrics.json").read_text()) for path in seen]
+    # A null metric is missing: left out of the mean and the interval, not a crash or a NaN.
+    assert rows["seen"]["bwt"].n == 2
+    assert rows["seen"]["bwt"].mean == pytest.approx(
+        100 * np.mean([seen_values[0]["bwt"], seen_values[2]["bwt"]]))
+    assert rows["seen"]["forgetting"].n == 3 and rows["seen"]["fwt"].n == 0
+    for key in ("bwt", "fwt", "forgetting", "learning_accuracy", "min_acc"):
+        assert rows["final"][key].n == 0, key
+    assert rows["final"]["acc"].n == 3
+    bwt = next(c for c in report.comparisons if c.metric == "bwt")
+    assert bwt.diff.n == 0  # no seed has BWT on both sides
+
+    out = tmp_path / "report"
+    assert cl("report", root, "--out", out, "--html", "--compare", "seen,final") == 0
+    printed = capsys.readouterr().out
+    nan = re.compile(r"\bnan\b", re.IGNORECASE)
+    assert not nan.search(printed)
+    markdown = (out / "report.md").read_text()
+    assert not nan.search(markdown)
+    [final_line] = [line for line in markdown.splitlines()
+                    if line.startswith("| eval_on=final | 3 |")]
+    cells = [cell.strip() for cell in final_line.strip("|").split("|")]
+    # configuration, seeds, ACC, BWT, FWT, Forgetting, LA, min-ACC, time, memory
+    assert cells[3:8] == ["-"] * 5 and cells[2] != "-"
+    [paired_line] = [line for line in markdown.splitlines()
+                     if line.startswith("| eval_on=final | eval_on=seen |")]
+    assert paired_line.rstrip(" |").endswith("| - | -")  # ΔBWT, ΔForgetting: no seed has both
+    table = {row["configuration"]: row for row in csv.DictReader((out / "report.csv").open())}
+    assert table["final"]["bwt_mean"] == "" and table["final"]["min_acc_mean"] == ""
+    assert float(table["seen"]["bwt_mean"]) == pytest.approx(rows["seen"]["bwt"].mean)
+    text = (out / "report.json").read_text()
+    assert "NaN" not in text
+    data = {c["name"]: c for c in json.loads(text)["configurations"]}
+    assert data["final"]["bwt"]["mean"] is None and data["seen"]["fwt"]["n"] == 0
+    page = re.sub(r"base64,[^\"]*", "", (out / "report.html").read_text())
+    assert not nan.search(page)
+    assert sorted(path.name for path in (out / "figures").iterdir()) == sorted(
+        ["configurations.png"] + [f"{name}-{kind}.png" for name in ("seen", "final")
+                                  for kind in ("matrix", "tasks", "curve")])
+    # The heatmap leaves an entry not evaluated blank: numbers only where R has them.
+    groups = {group.name: group for group in report.groups}
+    for name, evaluated in (("seen", 6), ("final", 3)):
+        texts = [text.get_text() for text in plot_matrix(groups[name]).axes[0].texts]
+        assert len(texts) == evaluated and not any(nan.search(text) for text in texts)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import blob_stream, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cl.errors import DivergenceError
 from cl.runner import TrainConfig, run
@@ -307,3 +309,92 @@ print(probe.loaded)
                             env={**os.environ, "PYTHONPATH": tests}, cwd=tests)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[True, True]"
+
+
+# ---- what is evaluated, the loss window, precision -----------------------------------------
+
+def test_eval_on_seen_and_final_leave_the_rest_of_R_unevaluated():
+    """`seen` evaluates the tasks trained so far after each task (nothing before training);
+    `final` evaluates every task once, after the last. What they do evaluate equals the full
+    run's R bit for bit: evaluating never changes the training."""
+    stream = blob_stream(num_tasks=3)
+    results = {}
+    for eval_on in ("all", "seen", "final"):
+        config = TrainConfig(batch_size=4, epochs=1, lr=0.1, eval_on=eval_on)
+        results[eval_on] = run(tiny_model(stream), stream, config=config)
+    full, seen, final = results["all"].accuracy, results["seen"].accuracy, results["final"].accuracy
+    lower = np.tril(np.ones((3, 3), dtype=bool))
+    assert np.array_equal(seen[lower], full[lower]) and np.isnan(seen[~lower]).all()
+    assert np.isnan(final[:2]).all() and np.array_equal(final[2], full[2])
+    for result in (results["seen"], results["final"]):
+        assert np.isnan(result.initial_accuracy).all()
+        assert len(result.final_predictions) == 3  # the confusion matrix still covers them all
+    tests = sum(len(task.test) for task in stream.tasks)
+    assert results["all"].eval_rows == 4 * tests
+    assert results["final"].eval_rows == tests
+    assert results["seen"].eval_rows == sum(len(task.test) for i in range(3)
+                                            for task in stream.tasks[:i + 1])
+
+
+def test_an_unknown_eval_on_or_precision_is_a_usage_error():
+    from cl.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown eval_on 'some'"):
+        TrainConfig(eval_on="some")
+    with pytest.raises(UsageError, match="unknown precision 'fp8'"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(UsageError, match="eval_tokens must be positive"):
+        TrainConfig(eval_tokens=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(losses=st.lists(st.floats(0, 1e6, width=32), min_size=1, max_size=30),
+       terms=st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=30))
+def test_the_loss_window_means_what_reading_every_step_would(losses, terms):
+    """The window adds on the device what the runner used to add as Python floats, one read
+    at its end: the logged means are the same to the bit."""
+    from cl.runner import LossWindow
+
+    window = LossWindow(torch.device("cpu"))
+    expected_loss, expected_term = 0.0, 0.0
+    for step, (loss, term) in enumerate(zip(losses, terms, strict=False), start=1):
+        loss_tensor = torch.tensor(loss, dtype=torch.float32)
+        term_tensor = torch.tensor(term, dtype=torch.float32)
+        window.add(step, loss_tensor, {"distill": term_tensor})
+        expected_loss += loss_tensor.item()
+        expected_term += term_tensor.item()
+    means = window.means()
+    steps = min(len(losses), len(terms))
+    assert means == {"loss": expected_loss / steps, "distill": expected_term / steps}
+    window.reset()
+    assert window.steps == 0 and not window.sums
+
+
+def test_a_non_finite_window_names_its_steps_and_stops_the_run():
+    """On an accelerator the loss is read once a window: a NaN found then names the window's
+    steps and where to look (checked here on the CPU by closing a window by hand)."""
+    from cl.runner import LossWindow, Progress, close_window
+
+    stream = blob_stream(num_tasks=1)
+    window = LossWindow(torch.device("cpu"))
+    for step in range(1, 6):
+        window.add(step, torch.tensor(float("nan") if step == 4 else 1.0), {})
+    progress = Progress(("main",), None)
+    with pytest.raises(DivergenceError, match=r"loss is nan on task 0 .* within steps 1-5 of "
+                                              r"that task \(read once every 5 steps on cuda\)"):
+        close_window(progress, window, stream.tasks[0], 5, 0, torch.device("cuda"))
+    assert progress.state["events"] == []  # nothing logged from the bad window
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp32_is_unchanged():
+    """bf16 runs the forward passes and losses in bfloat16 (a different R from fp32, still
+    learning); fp32 is what a run without the setting gives."""
+    stream = blob_stream(num_tasks=2, train_per_class=16)
+    config = TrainConfig(batch_size=4, epochs=2, lr=0.1)
+    default = run(tiny_model(stream), stream, config=config).accuracy
+    fp32 = run(tiny_model(stream), stream, config=dataclasses.replace(
+        config, precision="fp32")).accuracy
+    bf16 = run(tiny_model(stream), stream, config=dataclasses.replace(
+        config, precision="bf16")).accuracy
+    assert np.array_equal(default, fp32)
+    assert np.isfinite(bf16).all() and bf16[0, 0] > 0.5

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cl.errors import DataError, UsageError
 from cl.models import model_input
-from cl.types import StreamOptions
+from cl.types import Split, Stream, StreamOptions, Task
 from tasks import builtin, load_image_classification, load_mnist, load_npz
 from tasks.split import permuted_stream, rotate, rotated_stream, split_stream
 
@@ -152,17 +154,18 @@ def test_permuted_stream():
     # One permutation of the flattened features, the same for train and test.
     flat_train = torch.as_tensor(x_train).reshape(len(x_train), -1)
     flat_test = torch.as_tensor(x_test).reshape(len(x_test), -1)
-    permuted = second.train.x.reshape(len(x_train), -1)
+    permuted = second.train.inputs().reshape(len(x_train), -1)
     permutation = [int((flat_train[0] == value).nonzero()[0]) for value in permuted[0]]
     assert sorted(permutation) == list(range(20)) and permutation != list(range(20))
     assert torch.equal(permuted, flat_train[:, permutation])
-    assert torch.equal(second.test.x.reshape(len(x_test), -1), flat_test[:, permutation])
+    assert torch.equal(second.test.inputs().reshape(len(x_test), -1), flat_test[:, permutation])
     assert torch.equal(second.train.y, first.train.y)
     again = permuted_stream("p", x_train, y_train, x_test, y_test, num_tasks=3, seed=4)
-    assert all(torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x)
+    assert all(torch.equal(a.train.inputs(), b.train.inputs())
+               and torch.equal(a.test.inputs(), b.test.inputs())
                for a, b in zip(stream.tasks, again.tasks, strict=True))
     other = permuted_stream("p", x_train, y_train, x_test, y_test, num_tasks=3, seed=5)
-    assert not torch.equal(other.tasks[1].train.x, second.train.x)
+    assert not torch.equal(other.tasks[1].train.inputs(), second.train.inputs())
 
 
 @pytest.mark.parametrize("scenario", ["class", "task"])
@@ -189,7 +192,7 @@ def test_rotated_stream():
     x_train, y_train, x_test, y_test = small_arrays()
     stream = rotated_stream("r", x_train, y_train, x_test, y_test, num_tasks=4, seed=2)
     assert len(stream) == 4 and stream.scenario == "domain"
-    assert torch.equal(stream.tasks[0].train.x, torch.as_tensor(x_train))
+    assert torch.equal(stream.tasks[0].train.inputs(), torch.as_tensor(x_train))
     assert stream.tasks[0].name == "rotated 0.0 degrees"
     angles = [float(task.name.split()[1]) for task in stream.tasks[1:]]
     assert all(0 <= angle < 180 for angle in angles)
@@ -198,13 +201,75 @@ def test_rotated_stream():
     square = np.random.default_rng(0).random((24, 1, 5, 5), dtype=np.float32)
     fixed = rotated_stream("r", square, y_train, square, y_test, angles=[0, 90])
     expected = torch.rot90(torch.as_tensor(square), 1, dims=(-2, -1))
-    assert torch.allclose(fixed.tasks[1].train.x, expected, atol=1e-5)
-    assert torch.allclose(fixed.tasks[1].test.x, expected, atol=1e-5)
+    assert torch.allclose(fixed.tasks[1].train.inputs(), expected, atol=1e-5)
+    assert torch.allclose(fixed.tasks[1].test.inputs(), expected, atol=1e-5)
     with pytest.raises(UsageError, match="2 rotation angles given for 3 tasks"):
         rotated_stream("r", square, y_train, square, y_test, angles=[0, 90], num_tasks=3)
     flat = (x_train.reshape(24, -1), y_train, x_test.reshape(24, -1), y_test)
     with pytest.raises(DataError, match="rotation needs images"):
         rotated_stream("r", *flat, num_tasks=2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda arrays: permuted_stream("p", *arrays, num_tasks=20, seed=1),
+    lambda arrays: rotated_stream("r", *arrays, num_tasks=20, seed=1),
+])
+def test_transformed_streams_store_the_data_once(make):
+    """Twenty tasks hold one stored copy of the rows, not twenty (the memory of a long
+    permuted or rotated stream does not grow with its tasks)."""
+    generator = np.random.default_rng(0)
+    pixels = generator.integers(0, 256, (30, 1, 6, 6), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    stream = make((pixels, labels, pixels[:12], labels[:12]))
+    assert len({task.train.x.data_ptr() for task in stream.tasks}) == 1
+    assert len({task.test.x.data_ptr() for task in stream.tasks}) == 1
+    assert all(task.train.x.dtype == torch.uint8 for task in stream.tasks)
+    assert len({tuple(task.train.inputs()[0].flatten().tolist()) for task in stream.tasks}) > 1
+    # On a device the tasks share one copy too (meta: a device with no memory, for the test).
+    from cl.runner import stream_to_device
+
+    moved = stream_to_device(stream, torch.device("meta"))
+    assert all(task.train.x is moved.tasks[0].train.x for task in moved.tasks)
+    assert moved.tasks[0].train.x.device.type == "meta"
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.integers(0, 29), min_size=1, max_size=40), kind=st.sampled_from(
+    ["permuted", "rotated"]))
+def test_a_batch_of_a_transformed_task_equals_the_rows_of_the_whole_task(rows, kind):
+    """Transforming a batch gives bit for bit the rows of the task transformed at once, so a
+    run's batches are what a stream of materialised copies would give."""
+    pixels = np.random.default_rng(1).integers(0, 256, (30, 1, 7, 7), dtype=np.uint8)
+    arrays = (pixels, np.arange(30) % 3, pixels[:9], np.arange(9) % 3)
+    stream = (permuted_stream("p", *arrays, num_tasks=3, seed=2) if kind == "permuted"
+              else rotated_stream("r", *arrays, angles=[0, 33.3, 121]))
+    index = torch.tensor(rows)
+    for task in stream.tasks:
+        assert torch.equal(task.train.rows(index), task.train.inputs()[index])
+        assert torch.equal(task.test.rows(slice(2, 7)), task.test.inputs()[2:7])
+
+
+def test_a_transformed_stream_trains_as_its_materialised_copy():
+    """The same R, bit for bit, from a permuted stream (one stored copy, permuted per batch)
+    and from the same stream with every task's inputs made in full beforehand."""
+    from cl.models import build_mlp
+    from cl.runner import TrainConfig, run
+
+    pixels = np.random.default_rng(3).integers(0, 256, (60, 1, 5, 5), dtype=np.uint8)
+    arrays = (pixels, np.arange(60) % 3, pixels[:24], np.arange(24) % 3)
+    stream = permuted_stream("p", *arrays, num_tasks=3, seed=4, scenario="class")
+    copies = Stream(stream.name, tuple(
+        Task(task.name, task.index, Split(task.train.inputs(), task.train.y),
+             Split(task.test.inputs(), task.test.y), task.classes) for task in stream.tasks),
+        stream.scenario, stream.num_classes, stream.input_shape)
+    config = TrainConfig(batch_size=8, epochs=2, lr=0.1)
+    results = []
+    for each in (stream, copies):
+        torch.manual_seed(0)
+        model = build_mlp(each.input_shape, each.num_classes, (16,))
+        results.append(run(model, each, config=config).accuracy)
+    assert np.array_equal(results[0], results[1])
+    assert not np.isnan(results[0]).any()
 
 
 # ---- MNIST loading -------------------------------------------------------------------------
@@ -224,12 +289,14 @@ def test_load_mnist_from_npz(tmp_path):
     stream = builtin.split_mnist(StreamOptions(data=str(tmp_path / "mnist.npz")))
     assert len(stream) == 5 and sum(len(task.train) for task in stream.tasks) == 50
     assert all(task.train.x.dtype == torch.uint8 for task in stream.tasks)
-    # Permuted streams keep them too; rotation works on floats (it interpolates).
+    # Permuted streams keep them too, permuted per batch; rotation works on floats (it
+    # interpolates), made per batch from the stored pixels.
     permuted = builtin.permuted_mnist(StreamOptions(data=str(tmp_path / "mnist.npz"),
                                                     num_tasks=3))
-    assert all(task.test.x.dtype == torch.uint8 for task in permuted.tasks)
+    assert all(task.test.inputs().dtype == torch.uint8 for task in permuted.tasks)
     rotated = builtin.rotated_mnist(StreamOptions(data=str(tmp_path / "mnist.npz"), num_tasks=2))
-    assert torch.equal(rotated.tasks[0].train.x, model_input(x_train))
+    assert rotated.tasks[0].train.x.dtype == torch.uint8
+    assert torch.equal(rotated.tasks[0].train.inputs(), model_input(x_train))
 
 
 def _write(path, arrays):

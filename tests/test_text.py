@@ -3,6 +3,7 @@ jsonl and csv datasets on disk, the strategies on the transformer, and the CLI's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -330,3 +331,43 @@ def test_caps_apply_to_any_stream(tmp_path):
         assert sorted(np.bincount(task.train.y.numpy())[list(task.classes)]) == [25, 25]
     with pytest.raises(UsageError, match="test_per_task must be positive"):
         build(RunConfig(test_per_task=-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=60),
+       batch_size=st.integers(1, 16), tokens=st.integers(1, 400))
+def test_text_evaluation_batches_keep_to_the_token_budget(lengths, batch_size, tokens):
+    """Every row exactly once; rows by length; each batch at most `batch_size` rows and within
+    `tokens` (rows x its longest row), unless a single row is longer than the budget; and a
+    batch stops only where the next row would break a limit."""
+    from cl.runner import evaluation_batches
+
+    width = max(lengths)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    x = {"input_ids": mask * 7, "attention_mask": mask}
+    batches = evaluation_batches(x, batch_size, tokens)
+    order = torch.cat(batches)
+    assert sorted(order.tolist()) == list(range(len(lengths)))
+    ordered = [lengths[i] for i in order.tolist()]
+    assert ordered == sorted(lengths)
+    start = 0
+    for batch in batches:
+        rows, longest = len(batch), max(lengths[i] for i in batch.tolist())
+        assert rows <= batch_size and (rows == 1 or rows * longest <= tokens)
+        end = start + rows
+        if end < len(lengths):  # greedy: the next row did not fit
+            assert rows == batch_size or (rows + 1) * ordered[end] > tokens
+        start = end
+
+
+def test_token_budget_batches_give_the_same_accuracy_as_row_batches(root, backbone):
+    """Length-sorted batches of a small token budget predict what batches of many padded rows
+    predict: padding is masked, so only the amount of work changes."""
+    predictions = []
+    for tokens in (64, 10**9):
+        model, stream, train = built(root, backbone)
+        config = dataclasses.replace(train, eval_tokens=tokens, eval_batch_size=1024)
+        result = run(model, stream, config=config)
+        predictions.append((result.accuracy, np.concatenate(result.final_predictions)))
+    assert np.array_equal(predictions[0][0], predictions[1][0])
+    assert np.array_equal(predictions[0][1], predictions[1][1])
