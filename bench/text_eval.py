@@ -48,7 +48,9 @@ def main() -> None:
     stream, model = built.stream, built.model
     class_mask = stream.class_mask()
     tasks = list(stream.tasks)
-    # The old plan: fixed batches of `--rows` rows (a budget no batch reaches).
+    # The old plan: fixed batches of `--rows` rows (a budget no batch reaches). Rows are taken
+    # by length in both plans (the stream stores test rows sorted by length, as before), so the
+    # old plan's padding is reproduced exactly while a task has at most `--rows` test rows.
     plans = {"rows": TrainConfig(eval_batch_size=args.rows, eval_tokens=10**12)}
     for budget in (int(b) for b in args.budgets.split(",")):
         plans[f"tokens={budget}"] = TrainConfig(eval_batch_size=args.rows, eval_tokens=budget)

@@ -208,6 +208,7 @@ def plan(config: RunConfig) -> Plan:
         if value is not None and value <= 0:
             raise UsageError(f"{name} must be positive, got {value}")
     check_device(config.device, "device")
+    check_precision(config.precision, config.device)
 
     stream_name, stream_params = parse_spec(config.tasks)
     build_stream = registry.load("stream", stream_name)
@@ -238,6 +239,18 @@ def plan(config: RunConfig) -> Plan:
         raise UsageError(str(error)) from None
     return Plan(train, stream_name, stream_params, build_stream, build_model,
                 backbone, source, strategy)
+
+
+def check_precision(precision: str, device: str) -> None:
+    """A UsageError, before any directory exists, when the device cannot compute in bfloat16
+    (a CUDA GPU older than Ampere): torch would fail at the first forward pass."""
+    if precision != "bf16" or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(torch.device(device))} "
+                         "has no bfloat16 support; use --precision fp32")
 
 
 def absolute_paths(config: RunConfig) -> tuple[RunConfig, dict[str, str]]:

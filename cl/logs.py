@@ -52,7 +52,8 @@ def scalars(event: dict) -> list[tuple[str, float]]:
         # The tasks trained so far: the curve whose dips are the stability gap.
         seen = [value for name, value in values
                 if int(name.removeprefix("accuracy/task")) <= event["task"]]
-        values.append(("accuracy/seen_mean", sum(seen) / len(seen)))
+        if seen:  # none under --eval-on final before the last task
+            values.append(("accuracy/seen_mean", sum(seen) / len(seen)))
     return values
 
 

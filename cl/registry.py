@@ -166,13 +166,27 @@ def _type_text(annotation: Any) -> str:
 
 @dataclass(frozen=True)
 class _Source:
-    """A module's parsed source: its tree, its lines and its comments by line number."""
+    """A module's parsed source: its tree and its lines."""
 
     module: str
     is_package: bool
     tree: ast.Module
     lines: tuple[str, ...]
-    comments: dict[int, str]
+
+    def comment(self, line: int) -> str | None:
+        """The comment on source line `line` (1-based), without its `#`; None if it has none.
+
+        Only the lines a setting's help needs are tokenized, one at a time: tokenizing whole
+        modules was a third of `cl list`'s time."""
+        text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
+        if "#" not in text:
+            return None
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(text.strip() + "\n").readline))
+        except (tokenize.TokenError, SyntaxError):  # a line of a longer statement or string
+            return None
+        return next((token.string.lstrip("#").strip() for token in tokens
+                     if token.type == tokenize.COMMENT), None)
 
 
 @cache
@@ -181,11 +195,8 @@ def _read_source(module: str) -> _Source:
     path = _source_path(module)
     with tokenize.open(path) as file:
         text = file.read()
-    comments = {token.start[0]: token.string.lstrip("#").strip()
-                for token in tokenize.generate_tokens(io.StringIO(text).readline)
-                if token.type == tokenize.COMMENT}
     return _Source(module, Path(path).name == "__init__.py", ast.parse(text, filename=path),
-                   tuple(text.splitlines()), comments)
+                   tuple(text.splitlines()))
 
 
 def _source_path(module: str) -> str:
@@ -392,12 +403,13 @@ def _field_help(source: _Source, node: ast.AnnAssign, doc: str) -> str:
     """The comment at the end of the field's line; else the comment lines just above it; else
     the field's sentence in the class docstring."""
     for line in range(node.end_lineno or node.lineno, node.lineno - 1, -1):
-        if line in source.comments and not _comment_only(source, line):
-            return source.comments[line]
+        comment = source.comment(line)
+        if comment is not None and not _comment_only(source, line):
+            return comment
     above = []
     line = node.lineno - 1
-    while line in source.comments and _comment_only(source, line):
-        above.insert(0, source.comments[line])
+    while _comment_only(source, line) and (comment := source.comment(line)) is not None:
+        above.insert(0, comment)
         line -= 1
     if above:
         return " ".join(above)
@@ -405,7 +417,7 @@ def _field_help(source: _Source, node: ast.AnnAssign, doc: str) -> str:
 
 
 def _comment_only(source: _Source, line: int) -> bool:
-    return source.lines[line - 1].lstrip().startswith("#")
+    return 0 < line <= len(source.lines) and source.lines[line - 1].lstrip().startswith("#")
 
 
 def _help_from_docstring(doc: str, name: str) -> str:

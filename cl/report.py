@@ -381,11 +381,19 @@ def _format_setting(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+# Settings config.json gained after runs were already on disk, with the default those runs had
+# (kept here, not read from RunConfig, so that a report need not import torch; a test checks
+# that they are RunConfig's defaults).
+ADDED_SETTINGS = {"precision": "fp32", "eval_on": "all", "eval_tokens": 4096}
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Runs grouped by configuration (config.json minus the seed), in first-seen order."""
     groups: dict[str, Group] = {}
     for run in runs:
-        config = {key: value for key, value in run.config.items() if key != "seed"}
+        # A setting newer than a run's cl had its default there: such runs pool with new ones.
+        config = {**ADDED_SETTINGS, **run.config}
+        config.pop("seed", None)
         key = json.dumps(config, sort_keys=True)
         if key not in groups:
             groups[key] = Group("", "", config)

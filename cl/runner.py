@@ -95,8 +95,7 @@ class TrainConfig:
 def divergence_cause(x: Inputs, logits: Tensor, terms: dict[str, Tensor]) -> str:
     """Where a non-finite loss came from, as advice: the data, a strategy's term, or the
     training itself (which a lower learning rate calms)."""
-    inputs = x.values() if isinstance(x, dict) else [x]
-    if any(value.is_floating_point() and not torch.isfinite(value).all() for value in inputs):
+    if non_finite_inputs(x):
         return "the batch's inputs hold NaN or infinite values: check the data"
     bad = [name for name, term in terms.items() if not torch.isfinite(term).all()]
     if bad:
@@ -352,7 +351,8 @@ class LossWindow:
         if not self.steps:
             self.first_step = task_step
         for name, value in (("loss", loss), *terms.items()):
-            value = value.detach().to(self.dtype)
+            # Any one-element term (as `.item()` took), on the loss's device.
+            value = value.detach().reshape(()).to(loss.device, self.dtype)
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.steps += 1
 
@@ -386,6 +386,11 @@ def window_divergence(task: Task, window: LossWindow, means: dict[str, float],
         f"once every {window.steps} steps on {device.type}); {cause}")
 
 
+def not_evaluated_as_none(accuracy: np.ndarray) -> list[float | None]:
+    """Accuracies for an event: None for a task not evaluated (NaN), as in the JSON files."""
+    return [None if math.isnan(value) else value for value in accuracy.tolist()]
+
+
 class Progress:
     """What a run has measured so far, as plain values: every view's after-task rows and whole
     curve, the events, the counters and the time spent training and evaluating.
@@ -399,7 +404,7 @@ class Progress:
         self.listener = listener
         # A CUDA device runs behind the host: a lap waits for it, so that work still queued
         # is charged to what queued it (laps come a few times a task, not every step).
-        self.synchronize = device is not None and device.type == "cuda"
+        self.cuda = device if device is not None and device.type == "cuda" else None
         self.state = state if state is not None else {
             "next_phase": 0, "step": 0, "curve_steps": [], "task_end_steps": [],
             "train_seconds": 0.0, "eval_seconds": 0.0, "events": [], "train_rows": 0,
@@ -410,8 +415,8 @@ class Progress:
         self.mark = time.perf_counter()
 
     def lap(self, what: str | None = None) -> None:
-        if self.synchronize:
-            torch.cuda.synchronize()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
         now = time.perf_counter()
         if what is not None:
             self.state[f"{what}_seconds"] += now - self.mark
@@ -435,18 +440,17 @@ class Progress:
             self.state["views"][name]["initial_task"] = evaluation.task_accuracy.tolist()
             self.state["eval_rows"] += evaluation.rows
         self.emit({"event": "eval", "step": 0, "task": None,
-                   "accuracy": evaluations[MAIN].accuracy.tolist()})
+                   "accuracy": not_evaluated_as_none(evaluations[MAIN].accuracy)})
 
     def record(self, evaluations: dict[str, Evaluation], step: int, task: Task,
                task_end: bool) -> None:
         """One point of the curve for every view; after a task, also a row of its matrix."""
-        accuracy = evaluations[MAIN].accuracy.tolist()
+        accuracy = not_evaluated_as_none(evaluations[MAIN].accuracy)
         if task_end:
             self.emit({"event": "task_end", "step": step, "task": task.index, "name": task.name,
                        "accuracy": accuracy})
         else:
-            self.emit({"event": "eval", "step": step, "task": task.index,
-                       "accuracy": [None if math.isnan(a) else a for a in accuracy]})
+            self.emit({"event": "eval", "step": step, "task": task.index, "accuracy": accuracy})
         self.state["curve_steps"].append(step)
         if task_end:
             self.state["task_end_steps"].append(step)
@@ -544,8 +548,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         if resume is None:
             progress = Progress((MAIN, *variants), listener, device=device)
             before = evaluate_views(after_task_evaluation(stream, config.eval_on, 0, False))
-            progress.record_initial(before)
             progress.lap("eval")
+            progress.record_initial(before)
         else:
             progress = restore(resume, model, strategy, (MAIN, *variants), listener,
                                order_generator, device)
@@ -614,12 +618,12 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
             evaluations = evaluate_views(after_task_evaluation(stream, config.eval_on, trained,
                                                                last), keep_predictions=last)
             final = evaluations[MAIN]
-            progress.record(evaluations, step, task, task_end=True)
             progress.lap("eval")
+            progress.record(evaluations, step, task, task_end=True)
             progress.state.update(step=step, next_phase=phase + 1)
-            log.info("task %d/%d (%s): mean accuracy over the evaluated tasks %.4f", phase + 1,
-                     len(phases), task.name, float(np.nanmean(final.accuracy))
-                     if final.rows else math.nan)
+            log.info("task %d/%d (%s): mean accuracy over the evaluated tasks %s", phase + 1,
+                     len(phases), task.name, f"{np.nanmean(final.accuracy):.4f}"
+                     if final.rows else "(none evaluated)")
             if checkpoint is not None:
                 checkpoint({"model": model.state_dict(), "strategy": strategy.state_dict(),
                             "rng": rng_state(order_generator, device),

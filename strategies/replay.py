@@ -219,7 +219,10 @@ class Buffer:
         self.y = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         self.task = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         if logits is not None:
-            self.logits = _alloc(logits, self.capacity, self.device)
+            # Targets at least float32: logits from a bf16 autocast forward would otherwise
+            # keep three significant digits in the buffer.
+            self.logits = torch.zeros((self.capacity, *logits.shape[1:]), device=self.device,
+                                      dtype=torch.promote_types(logits.dtype, torch.float32))
         if self.policy == "reservoir":
             self._last_writer = torch.zeros(self.capacity, dtype=torch.int64)
         else:
@@ -463,6 +466,7 @@ class Replay(Strategy):
         else:
             if self._fresh_rows is not None and self._fresh_rows[0] is batch:
                 index = slice(0, self._fresh_rows[1])
+                self._fresh_rows = None  # do not keep the batch alive until the next step
             else:  # a batch another strategy made: read its mask
                 index = batch.fresh().nonzero().squeeze(1)
             x, y, task_ids = take(batch.x, index), batch.y[index], batch.task[index]

@@ -425,3 +425,14 @@ def test_eval_on_seen_prints_dashes_where_nothing_was_evaluated(tmp_path, capsys
     assert "nan" not in (out / "matrix.csv").read_text()
     assert cl("run", "--out", tmp_path / "bad", "--eval-on", "some", *FAST) == 2
     assert "unknown eval_on 'some'" in capsys.readouterr().err
+
+
+def test_eval_on_final_with_training_logs(tmp_path):
+    """Task ends with nothing evaluated (every task but the last, under --eval-on final) log
+    no mean over the seen tasks instead of dividing by zero."""
+    out = tmp_path / "final"
+    assert cl("run", "--out", out, "--eval-on", "final", "--log", "csv", *FAST) == 0
+    rows = (out / "log.csv").read_text().splitlines()
+    seen_means = [row for row in rows if "accuracy/seen_mean" in row]
+    assert len(seen_means) == 1 and seen_means[0].split(",")[2] == "task_end"
+    assert json.loads((out / "metrics.json").read_text())["acc"] is not None

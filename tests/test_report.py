@@ -483,3 +483,20 @@ def test_runs_that_evaluated_only_some_tasks_are_reported_with_dashes(tmp_path, 
     for name, evaluated in (("seen", 6), ("final", 3)):
         texts = [text.get_text() for text in plot_matrix(groups[name]).axes[0].texts]
         assert len(texts) == evaluated and not any(nan.search(text) for text in texts)
+
+
+def test_runs_from_before_a_setting_existed_pool_with_runs_at_its_default(tmp_path):
+    """config.json gained precision, eval_on and eval_tokens: a run written before, which ran
+    at their defaults, belongs with new runs of the same configuration (new seeds of an old
+    ablation), and a run at another value does not."""
+    from cl.experiment import RunConfig
+    from cl.report import ADDED_SETTINGS, Run, group_runs
+
+    defaults = RunConfig().to_dict()
+    assert ADDED_SETTINGS == {key: defaults[key] for key in ADDED_SETTINGS}
+    old = {"seed": 0, "strategy": [], "lr": 0.1}
+    runs = [Run(tmp_path / "a", old, {}),
+            Run(tmp_path / "b", {**old, "seed": 1, **ADDED_SETTINGS}, {}),
+            Run(tmp_path / "c", {**old, "seed": 2, **ADDED_SETTINGS, "eval_on": "seen"}, {})]
+    groups = group_runs(runs)
+    assert [[run.seed for run in group.runs] for group in groups] == [[0, 1], [2]]

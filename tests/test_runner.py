@@ -398,3 +398,26 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp32_is_unchanged():
         config, precision="bf16")).accuracy
     assert np.array_equal(default, fp32)
     assert np.isfinite(bf16).all() and bf16[0, 0] > 0.5
+
+
+def test_the_loss_window_takes_any_one_element_term():
+    """A strategy's term of shape (1,) was fine for `.item()`; the window takes it too."""
+    from cl.runner import LossWindow
+
+    window = LossWindow(torch.device("cpu"))
+    window.add(1, torch.tensor(2.0), {"extra": torch.tensor([0.5])})
+    window.add(2, torch.tensor(4.0), {"extra": torch.tensor([1.5])})
+    assert window.means() == {"loss": 3.0, "extra": 1.0}
+
+
+def test_replay_keeps_float32_targets_under_bf16():
+    """DER targets recorded from a bfloat16 forward pass are stored as float32, as with
+    targets recorded at a task's end outside autocast."""
+    from strategies.replay import Replay, ReplayConfig
+
+    stream = blob_stream(num_tasks=2)
+    replay = Replay(ReplayConfig(capacity=8, store_logits=True))
+    run(tiny_model(stream), stream, replay,
+        TrainConfig(batch_size=4, epochs=1, lr=0.1, precision="bf16"))
+    assert replay.buffer.logits.dtype == torch.float32
+    assert torch.isfinite(replay.buffer.logits[:len(replay.buffer)]).all()

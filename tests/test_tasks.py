@@ -231,6 +231,9 @@ def test_transformed_streams_store_the_data_once(make):
     moved = stream_to_device(stream, torch.device("meta"))
     assert all(task.train.x is moved.tasks[0].train.x for task in moved.tasks)
     assert moved.tasks[0].train.x.device.type == "meta"
+    # Each task's transform runs where its rows are (a rotation's grid is made there too).
+    for task in moved.tasks:
+        assert task.test.rows(torch.arange(3, device="meta")).device.type == "meta"
 
 
 @settings(max_examples=25, deadline=None)
