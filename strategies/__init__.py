@@ -1,5 +1,6 @@
 """The built-in strategies, one file each; `from strategies import EMA, Replay`."""
 
+from strategies.der import DER, DERPP, DERConfig, DERPPConfig
 from strategies.distill import Distill, DistillConfig
 from strategies.ema import EMA, EMAConfig
 from strategies.freeze import Freeze, FreezeConfig
@@ -7,5 +8,6 @@ from strategies.lora import LoRA, LoRAConfig
 from strategies.naive import Naive
 from strategies.replay import Replay, ReplayConfig
 
-__all__ = ["EMA", "Distill", "DistillConfig", "EMAConfig", "Freeze", "FreezeConfig", "LoRA",
-           "LoRAConfig", "Naive", "Replay", "ReplayConfig"]
+__all__ = ["DER", "DERPP", "EMA", "DERConfig", "DERPPConfig", "Distill", "DistillConfig",
+           "EMAConfig", "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "Naive", "Replay",
+           "ReplayConfig"]

@@ -34,6 +34,10 @@ class DistillConfig:
     teacher: str = field(default="previous", metadata={"path": True})
     targets: Literal["teacher", "buffer"] = "teacher"  # a teacher model, or logits replay stored
     on: Literal["logits", "features"] = "logits"  # what is matched: outputs, or head inputs
+    # kl: KL of the softened outputs (T^2-scaled); mse: squared error of the raw logits (DER)
+    loss: Literal["kl", "mse"] = "kl"
+    # targets=buffer: all of a stored row's logits (DER), or only the classes seen when stored
+    stored_classes: Literal["all", "seen"] = "all"
 
     def __post_init__(self) -> None:
         if self.on not in ("logits", "features"):
@@ -46,6 +50,14 @@ class DistillConfig:
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.targets not in ("teacher", "buffer"):
             raise ValueError(f"targets must be teacher or buffer, got {self.targets!r}")
+        if self.loss not in ("kl", "mse"):
+            raise ValueError(f"loss must be kl or mse, got {self.loss!r}")
+        if self.stored_classes not in ("all", "seen"):
+            raise ValueError(f"stored_classes must be all or seen, got {self.stored_classes!r}")
+        if self.stored_classes != "all" and self.targets != "buffer":
+            raise ValueError("stored_classes applies to targets=buffer only")
+        if self.loss != "kl" and self.on == "features":
+            raise ValueError("loss applies to on=logits; on=features is a squared distance")
         if self.teacher not in TEACHERS and not Path(self.teacher).is_file():
             raise ValueError(f"teacher {self.teacher!r} is neither previous, initial nor a file")
 
@@ -76,6 +88,15 @@ def distillation_loss(teacher_logits: Tensor, student_logits: Tensor, mask: Tens
     (Hinton et al., 2015)."""
     kl = masked_kl(teacher_logits, student_logits, mask, temperature)
     return alpha * temperature ** 2 * kl.mean()
+
+
+def logit_mse(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor, alpha: float
+              ) -> Tensor:
+    """`alpha *` the mean squared difference of the raw logits over the rows and the classes
+    `mask` marks (DER, Buzzega et al. 2020, matches all of them: `F.mse_loss`)."""
+    mask = mask.expand_as(student_logits)
+    squared = (student_logits.float() - teacher_logits.float()).pow(2)
+    return alpha * (squared * mask).sum() / mask.sum().clamp(min=1)
 
 
 def feature_distance(teacher_features: Tensor, student_features: Tensor, alpha: float
@@ -282,11 +303,14 @@ class Distill(Strategy):
             if not rows.any():
                 return {}
             row_tasks = batch.task[rows]
-            mask = self.class_mask[row_tasks] if self.scenario == "task" else (
-                torch.ones_like(self.class_mask[row_tasks]) if self.scenario == "domain"
-                else self.seen_mask[row_tasks])
-            return {"kl": distillation_loss(batch.stored_logits[rows], logits[rows], mask,
-                                            config.temperature, config.alpha)}
+            if config.stored_classes == "all" or self.scenario == "domain":
+                # DER: the stored near-zero logits of classes not yet seen are what keeps new
+                # classes from taking over old rows.
+                mask = torch.ones_like(self.class_mask[:1])
+            else:
+                mask = self.class_mask[row_tasks] if self.scenario == "task" \
+                    else self.seen_mask[row_tasks]
+            return {config.loss: self.matched(batch.stored_logits[rows], logits[rows], mask)}
         if self.teacher is None:
             return {}  # LwF on its first task: nothing to preserve yet
         with torch.inference_mode():
@@ -298,9 +322,15 @@ class Distill(Strategy):
         # Leave inference mode's tensors behind: autograd must save these for the backward.
         teacher_logits = teacher_logits.clone()
         blocks = self.teacher_mask(len(batch))
-        losses = [distillation_loss(teacher_logits, logits, block, config.temperature,
-                                    config.alpha) for block in blocks]
-        return {"kl": torch.stack(losses).mean()}
+        losses = [self.matched(teacher_logits, logits, block) for block in blocks]
+        return {config.loss: torch.stack(losses).mean()}
+
+    def matched(self, target_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+        """The term pulling `logits` toward `target_logits` over the classes `mask` marks."""
+        config = self.config
+        if config.loss == "mse":
+            return logit_mse(target_logits, logits, mask, config.alpha)
+        return distillation_loss(target_logits, logits, mask, config.temperature, config.alpha)
 
     def report(self) -> dict[str, Any]:
         if self.teacher is None:

@@ -22,6 +22,8 @@ from tasks.npz import load_npz
 from tasks.split import (
     check_positive,
     check_scenario,
+    normalized,
+    parse_normalization,
     permuted_stream,
     rotated_stream,
     split_stream,
@@ -77,10 +79,22 @@ def _refuse_class_split(stream: str, options: StreamOptions) -> None:
                          "every task holds all classes")
 
 
-def _split(stream: str, options: StreamOptions, arrays: Arrays) -> Stream:
-    return split_stream(stream, *arrays, scenario=options.scenario or "class",
-                        num_tasks=options.num_tasks, classes_per_task=options.classes_per_task,
-                        class_order=options.class_order, seed=options.seed)
+# Image streams take `normalize=none|mnist|means/stds`: none keeps pixels / 255, the DER
+# protocol's input.
+IMAGE_SETTINGS = {"normalize": "none"}
+
+
+def _normalize(stream: Stream, settings: dict[str, str]) -> Stream:
+    statistics = parse_normalization(stream.name, settings["normalize"])
+    return stream if statistics is None else normalized(stream, *statistics)
+
+
+def _split(stream: str, options: StreamOptions, arrays: Arrays,
+           settings: dict[str, str]) -> Stream:
+    return _normalize(split_stream(
+        stream, *arrays, scenario=options.scenario or "class", num_tasks=options.num_tasks,
+        classes_per_task=options.classes_per_task, class_order=options.class_order,
+        seed=options.seed), settings)
 
 
 def _num_tasks(options: StreamOptions, default: int) -> int:
@@ -89,10 +103,13 @@ def _num_tasks(options: StreamOptions, default: int) -> int:
 
 def _permuted(stream: str, options: StreamOptions, load: Callable[[], Arrays],
               default_tasks: int) -> Stream:
-    _checked_settings(stream, options, {})
+    settings = _checked_settings(stream, options, IMAGE_SETTINGS)
+    parse_normalization(stream, settings["normalize"])  # a bad value fails before loading
     _refuse_class_split(stream, options)
-    return permuted_stream(stream, *load(), num_tasks=_num_tasks(options, default_tasks),
-                           scenario=options.scenario or "domain", seed=options.seed)
+    return _normalize(permuted_stream(stream, *load(),
+                                      num_tasks=_num_tasks(options, default_tasks),
+                                      scenario=options.scenario or "domain", seed=options.seed),
+                      settings)
 
 
 def _parse_angles(stream: str, text: str) -> list[float] | None:
@@ -111,20 +128,22 @@ def _parse_angles(stream: str, text: str) -> list[float] | None:
 
 def _rotated(stream: str, options: StreamOptions, load: Callable[[], Arrays],
              default_tasks: int) -> Stream:
-    settings = _checked_settings(stream, options, {"angles": ""})
+    settings = _checked_settings(stream, options, {"angles": "", **IMAGE_SETTINGS})
+    parse_normalization(stream, settings["normalize"])
     _refuse_class_split(stream, options)
     angles = _parse_angles(stream, settings["angles"])
     num_tasks = options.num_tasks if angles is not None else _num_tasks(options, default_tasks)
-    return rotated_stream(stream, *load(), num_tasks=num_tasks,
-                          scenario=options.scenario or "domain", seed=options.seed,
-                          angles=angles)
+    return _normalize(rotated_stream(stream, *load(), num_tasks=num_tasks,
+                                     scenario=options.scenario or "domain", seed=options.seed,
+                                     angles=angles), settings)
 
 
 def split_digits(options: StreamOptions) -> Stream:
     """Split digits: scikit-learn's 8x8 digits (offline), 5 tasks of 2 classes each."""
-    _checked_settings("split-digits", options, {})
+    settings = _checked_settings("split-digits", options, IMAGE_SETTINGS)
+    parse_normalization("split-digits", settings["normalize"])
     _refuse_data("split-digits", options)
-    return _split("split-digits", options, load_digits())
+    return _split("split-digits", options, load_digits(), settings)
 
 
 def permuted_digits(options: StreamOptions) -> Stream:
@@ -141,8 +160,9 @@ def rotated_digits(options: StreamOptions) -> Stream:
 
 def split_mnist(options: StreamOptions) -> Stream:
     """Split MNIST: 5 tasks of 2 digit classes each (--data mnist.npz, else the HF hub)."""
-    _checked_settings("split-mnist", options, {})
-    return _split("split-mnist", options, load_mnist(options.data))
+    settings = _checked_settings("split-mnist", options, IMAGE_SETTINGS)
+    parse_normalization("split-mnist", settings["normalize"])
+    return _split("split-mnist", options, load_mnist(options.data), settings)
 
 
 def permuted_mnist(options: StreamOptions) -> Stream:
@@ -159,25 +179,28 @@ def rotated_mnist(options: StreamOptions) -> Stream:
 
 def split_npz(options: StreamOptions) -> Stream:
     """Class splits of any .npz with x_train, y_train, x_test, y_test (--data file.npz)."""
-    settings = _checked_settings("split-npz", options, {"layout": "auto"})
+    settings = _checked_settings("split-npz", options, {"layout": "auto", **IMAGE_SETTINGS})
+    parse_normalization("split-npz", settings["normalize"])
     path = _require_data("split-npz", options, "an .npz file with x_train, y_train, x_test, y_test")
     if settings["layout"] not in LAYOUTS:
         raise UsageError(f"layout={settings['layout']!r} for stream 'split-npz' is not one of "
                          f"{', '.join(LAYOUTS)}")
-    return _split("split-npz", options, load_npz(path, layout=settings["layout"]))
+    return _split("split-npz", options, load_npz(path, layout=settings["layout"]), settings)
 
 
 def split_hf(options: StreamOptions) -> Stream:
     """Class splits of any image-classification dataset from `datasets` (--data name or path)."""
     settings = _checked_settings("split-hf", options, {
         "image_column": "image", "label_column": "label",
-        "train_split": "train", "test_split": "test"})
+        "train_split": "train", "test_split": "test", **IMAGE_SETTINGS})
+    parse_normalization("split-hf", settings["normalize"])
     source = _require_data("split-hf", options, "a Hugging Face dataset name or local path")
     try:
-        arrays = load_image_classification(source, **settings)
+        arrays = load_image_classification(source, **{
+            key: value for key, value in settings.items() if key not in IMAGE_SETTINGS})
     except HubUnreachable as error:
         raise HubUnreachable(f"{error}; give a local directory with --data") from None
-    return _split("split-hf", options, arrays)
+    return _split("split-hf", options, arrays, settings)
 
 
 # The continual-learning text benchmark of the LoRA-for-CL literature (de Masson d'Autume et al.

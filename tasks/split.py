@@ -303,3 +303,88 @@ class Rotate:
 
     def to(self, device: torch.device | str) -> Rotate:
         return self
+
+
+# Per-channel statistics of the usual datasets, by name (`normalize=mnist`): those of the
+# training set, as the most used frameworks and papers normalise with them.
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]  # (means, standard deviations)
+NORMALIZATIONS: dict[str, Statistics] = {
+    "mnist": ((0.1307,), (0.3081,)),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Normalize:
+    """Inputs scaled to [0, 1] (uint8 pixels first, `model_input`), then per channel
+    `(x - mean) / std`; one value applies to every feature."""
+
+    mean: Tensor  # (C,) float32
+    std: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = model_input(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+    def to(self, device: torch.device | str) -> Normalize:
+        return Normalize(self.mean.to(device), self.std.to(device))
+
+
+@dataclass(frozen=True, eq=False)
+class Then:
+    """`first`, then `second`: a task's own transform, then the stream's normalisation."""
+
+    first: RowTransform
+    second: RowTransform
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def to(self, device: torch.device | str) -> Then:
+        return Then(self.first.to(device), self.second.to(device))
+
+
+def parse_normalization(stream: str, text: str) -> Statistics | None:
+    """`normalize=none`, a name (`mnist`), or per-channel `means/stds` such as
+    `0.485|0.456|0.406/0.229|0.224|0.225`: None, or (means, stds)."""
+    if text == "none":
+        return None
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    usage = (f"normalize={text!r} for stream {stream!r} is not none, "
+             f"{', '.join(NORMALIZATIONS)} or means/stds (e.g. 0.1307/0.3081, one value per "
+             "channel separated by '|')")
+    parts = text.split("/")
+    if len(parts) != 2:
+        raise UsageError(usage)
+    try:
+        means, stds = ([float(value) for value in part.split("|")] for part in parts)
+    except ValueError:
+        raise UsageError(usage) from None
+    if len(means) != len(stds):
+        raise UsageError(f"normalize={text!r} for stream {stream!r}: {len(means)} means but "
+                         f"{len(stds)} standard deviations")
+    if not all(math.isfinite(value) for value in means) or not all(
+            math.isfinite(value) and value > 0 for value in stds):
+        raise UsageError(f"normalize={text!r} for stream {stream!r}: means must be finite and "
+                         "standard deviations positive")
+    return tuple(means), tuple(stds)
+
+
+def normalized(stream: Stream, means: Sequence[float], stds: Sequence[float]) -> Stream:
+    """`stream` with every split's inputs normalised per channel after the task's own transform
+    (a permutation, a rotation), one batch at a time: the stored rows are not copied."""
+    channels = stream.input_shape[0] if len(stream.input_shape) > 1 else 1
+    if len(means) not in (1, channels):
+        raise UsageError(f"{len(means)} normalisation values for inputs of {channels} "
+                         f"channels (shape {stream.input_shape}): give one, or one per channel")
+    normalize = Normalize(torch.tensor(means, dtype=torch.float32),
+                          torch.tensor(stds, dtype=torch.float32))
+
+    def split(part: Split) -> Split:
+        transform = normalize if part.transform is None else Then(part.transform, normalize)
+        return Split(part.x, part.y, transform)
+
+    tasks = tuple(Task(task.name, task.index, split(task.train), split(task.test), task.classes)
+                  for task in stream.tasks)
+    return Stream(stream.name, tasks, stream.scenario, stream.num_classes, stream.input_shape)

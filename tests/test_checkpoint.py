@@ -22,7 +22,11 @@ from cl.models import build_mlp
 from cl.runner import TrainConfig, run
 from cl.strategy import Chain, Strategy
 from strategies import (
+    DER,
+    DERPP,
     EMA,
+    DERConfig,
+    DERPPConfig,
     Distill,
     DistillConfig,
     EMAConfig,
@@ -49,6 +53,9 @@ CASES = {
         Freeze(FreezeConfig(lr_mult=("head.*=2",))), LoRA(LoRAConfig(rank=2, alpha=2.0)),
         Replay(ReplayConfig(capacity=10, store_logits=True)),
         Distill(DistillConfig(targets="buffer")), EMA(EMAConfig(decay=0.8))]),
+    "der": ("class", lambda: [DER(DERConfig(capacity=12, alpha=0.5))]),
+    "derpp": ("task", lambda: [DERPP(DERPPConfig(capacity=12, alpha=0.5, beta=0.5,
+                                                 batch_size=3))]),
     "replay+distill+ema": ("class", lambda: [
         Replay(ReplayConfig(capacity=10)), Distill(DistillConfig()), EMA(EMAConfig(decay=0.8))]),
 }

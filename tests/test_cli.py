@@ -436,3 +436,15 @@ def test_eval_on_final_with_training_logs(tmp_path):
     seen_means = [row for row in rows if "accuracy/seen_mean" in row]
     assert len(seen_means) == 1 and seen_means[0].split(",")[2] == "task_end"
     assert json.loads((out / "metrics.json").read_text())["acc"] is not None
+
+
+def test_a_normalised_stream_is_recorded_and_a_bad_normalisation_is_one_line(tmp_path, capsys):
+    out = tmp_path / "normalised"
+    assert cl("run", "--out", out, "--tasks", "split-digits:normalize=0.3/0.4", *FAST) == 0
+    assert json.loads((out / "config.json").read_text())["tasks"] == \
+        "split-digits:normalize=0.3/0.4"
+    assert cl("run", "--out", tmp_path / "bad", "--tasks", "split-digits:normalize=big",
+              *FAST) == 2
+    err = capsys.readouterr().err
+    assert "normalize='big' for stream 'split-digits'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -11,6 +11,7 @@ from helpers import blob_stream, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from torch import Tensor
 
 from cl.errors import UsageError
 from cl.runner import TrainConfig, run
@@ -303,3 +304,60 @@ def test_a_joint_run_has_no_previous_task_to_distil_from():
     with pytest.raises(UsageError, match="no previous task in a --joint run"):
         Distill(DistillConfig()).check(tiny_model(stream), stream, True)
     Distill(DistillConfig(teacher="initial")).check(tiny_model(stream), stream, True)
+
+
+# ---- DER's targets: every stored logit, and the squared error ------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), classes=st.integers(2, 7), seed=st.integers(0, 2**16),
+       alpha=st.floats(0.0, 3.0))
+def test_logit_mse_is_the_mean_squared_error_over_the_marked_classes(rows, classes, seed,
+                                                                     alpha):
+    from strategies.distill import logit_mse
+
+    generator = torch.Generator().manual_seed(seed)
+    stored = torch.randn(rows, classes, generator=generator)
+    student = torch.randn(rows, classes, generator=generator)
+    everything = torch.ones(1, classes, dtype=torch.bool)
+    expected = alpha * torch.nn.functional.mse_loss(student, stored)
+    assert torch.allclose(logit_mse(stored, student, everything, alpha), expected, atol=1e-6)
+    mask = torch.rand(rows, classes, generator=generator) < 0.5
+    mask[:, 0] = True
+    by_hand = sum(float(student[i, j] - stored[i, j]) ** 2 for i in range(rows)
+                  for j in range(classes) if mask[i, j]) / int(mask.sum())
+    assert abs(float(logit_mse(stored, student, mask, alpha)) - alpha * by_hand) < 1e-4
+    assert float(logit_mse(stored, stored, mask, alpha)) == 0.0
+
+
+def buffer_terms(stored_classes: str, loss: str, unseen_value: float) -> Tensor:
+    """The distillation term of one batch whose replayed row, from task 0 (classes 0 and 1 of
+    a 4-class class-IL stream), stored `unseen_value` as its logits for classes 2 and 3."""
+    stream = blob_stream(num_tasks=2)
+    distill = Distill(DistillConfig(targets="buffer", loss=loss, stored_classes=stored_classes))
+    model = tiny_model(stream)
+    distill.before_run(model, stream, 0)
+    stored = torch.tensor([[2.0, -1.0, unseen_value, unseen_value]])
+    logits = torch.tensor([[1.0, 0.5, 3.0, 2.0]])
+    batch = Batch(torch.zeros(1, *stream.input_shape), torch.tensor([0]), torch.tensor([0]),
+                  torch.tensor([True]), stored)
+    return distill.loss_terms(model, batch, logits, stream.tasks[1])[loss]
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_stored_targets_match_all_logits_by_default_or_only_the_seen_classes(loss):
+    """DER matches every stored logit: what a row stored for classes not yet seen (near zero)
+    is what keeps new classes from taking it over. `stored_classes=seen` ignores them."""
+    assert buffer_terms("all", loss, 0.0) != buffer_terms("all", loss, -5.0)
+    assert buffer_terms("seen", loss, 0.0) == buffer_terms("seen", loss, -5.0)
+    assert DistillConfig().loss == "kl" and DistillConfig().stored_classes == "all"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"loss": "l1"}, "loss must be kl or mse"),
+    ({"stored_classes": "some"}, "stored_classes must be all or seen"),
+    ({"stored_classes": "seen"}, "stored_classes applies to targets=buffer only"),
+    ({"loss": "mse", "on": "features"}, "loss applies to on=logits"),
+])
+def test_bad_distillation_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**settings)

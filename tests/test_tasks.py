@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -446,3 +448,65 @@ def test_digit_builders_defaults():
     assert len(builtin.rotated_digits(StreamOptions())) == 5
     domain = builtin.split_digits(StreamOptions(scenario="domain"))
     assert domain.num_classes == 2 and all(task.classes == (0, 1) for task in domain.tasks)
+
+
+# ---- input normalisation -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["split_mnist", "permuted_mnist", "rotated_mnist"])
+def test_normalize_mnist_scales_each_batch_by_the_usual_statistics(tmp_path, name):
+    """`normalize=mnist`: (pixels / 255 - 0.1307) / 0.3081 after the task's own transform,
+    one batch at a time; the stored rows stay uint8 and shared, and `none` (the default)
+    leaves the inputs as they were."""
+    np.savez(tmp_path / "mnist.npz", **fake_mnist())
+    build = getattr(builtin, name)
+    plain = build(StreamOptions(data=str(tmp_path / "mnist.npz"), num_tasks=2)
+                  if name != "split_mnist" else StreamOptions(data=str(tmp_path / "mnist.npz")))
+    options = StreamOptions(data=str(tmp_path / "mnist.npz"),
+                            num_tasks=None if name == "split_mnist" else 2,
+                            params=(("normalize", "mnist"),))
+    stream = build(options)
+    for before, after in zip(plain.tasks, stream.tasks, strict=True):
+        assert torch.equal(after.train.x, before.train.x) and after.train.x.dtype == torch.uint8
+        expected = (model_input(before.test.inputs()) - 0.1307) / 0.3081
+        assert torch.allclose(after.test.inputs(), expected, atol=1e-6)
+        index = torch.tensor([3, 0, 7])
+        assert torch.equal(after.train.rows(index), after.train.inputs()[index])
+    if name != "split_mnist":  # the tasks still share one stored copy
+        assert len({task.train.x.data_ptr() for task in stream.tasks}) == 1
+    none = build(dataclasses.replace(options, params=(("normalize", "none"),)))
+    assert torch.equal(none.tasks[-1].test.inputs(), plain.tasks[-1].test.inputs())
+
+
+def test_explicit_statistics_per_channel_and_their_errors():
+    from tasks.split import parse_normalization
+
+    assert parse_normalization("s", "0.5|0.4|0.3/0.2|0.2|0.1") == ((0.5, 0.4, 0.3),
+                                                                   (0.2, 0.2, 0.1))
+    for bad, message in (("abc", "is not none, mnist or means/stds"),
+                         ("1|2/3", "2 means but 1 standard deviations"),
+                         ("0.5/0", "standard deviations positive"),
+                         ("0.5/x", "is not none, mnist")):
+        with pytest.raises(UsageError, match=message):
+            parse_normalization("s", bad)
+    with pytest.raises(UsageError, match="3 normalisation values for inputs of 1 channels"):
+        builtin.split_digits(StreamOptions(params=(("normalize", "0.1|0.2|0.3/1|1|1"),)))
+
+
+def test_a_normalised_stream_trains_as_its_materialised_copy():
+    """The same R, bit for bit, from normalisation per batch and from every task's inputs
+    normalised in full beforehand."""
+    from cl.models import build_mlp
+    from cl.runner import TrainConfig, run
+
+    stream = builtin.permuted_digits(StreamOptions(num_tasks=3,
+                                                   params=(("normalize", "0.3/0.4"),)))
+    copies = Stream(stream.name, tuple(
+        Task(task.name, task.index, Split(task.train.inputs(), task.train.y),
+             Split(task.test.inputs(), task.test.y), task.classes) for task in stream.tasks),
+        stream.scenario, stream.num_classes, stream.input_shape)
+    results = []
+    for each in (stream, copies):
+        torch.manual_seed(0)
+        model = build_mlp(each.input_shape, each.num_classes, (16,))
+        results.append(run(model, each, config=TrainConfig(batch_size=32, lr=0.1)).accuracy)
+    assert np.array_equal(results[0], results[1]) and not np.isnan(results[0]).any()

@@ -1,0 +1,183 @@
+"""DER and DER++ (Buzzega et al., "Dark Experience for General Continual Learning", NeurIPS
+2020): a reservoir buffer of past rows with the logits the model gave them when they arrived;
+`alpha` times the mean squared error pulling the model's logits on a buffer draw toward the
+stored ones, and for DER++ `beta` times the cross-entropy of a second, independent draw.
+
+Made of what `replay` and `distill` are made of: one `strategies.replay.Buffer` (two draws from
+it, not two buffers) and `strategies.distill.logit_mse`. Unlike `replay`, buffer rows do not join
+the incoming batch's cross-entropy: each term forwards its own draw, as the paper's code does
+(aimagelab/mammoth, models/der.py and models/derpp.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl.models import device_of, logits_of
+from cl.strategy import Strategy
+from cl.types import Batch, Stream, Task, check_hook_arguments, take
+from strategies.distill import logit_mse
+from strategies.replay import POLICIES, Buffer
+
+# replay's policies, spelled here so that `cl list` reads them from this file's source.
+Policy = Literal["reservoir", "class_balanced"]
+
+
+def _check_weight(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _check_buffer_settings(config: Any) -> None:
+    if isinstance(config.capacity, bool) or not isinstance(config.capacity, int) \
+            or config.capacity <= 0:
+        raise ValueError(f"capacity must be a positive integer, got {config.capacity!r}")
+    _check_weight("alpha", config.alpha)
+    if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(
+            config.batch_size, int) or config.batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive integer or None, "
+                         f"got {config.batch_size!r}")
+    if config.policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}")
+
+
+@dataclass(frozen=True)
+class DERConfig:
+    """Settings of `der:key=value,...`. The defaults are the published Seq-MNIST settings at a
+    buffer of 500 (mammoth's utils/best_args.py), apart from the draw size, which defaults to the
+    incoming batch's."""
+
+    capacity: int = 500  # rows the buffer holds at most
+    alpha: float = 1.0  # weight of the squared error toward the stored logits
+    batch_size: int | None = None  # rows per buffer draw; None: as many as the incoming batch
+    policy: Policy = "reservoir"  # which rows stay: reservoir sampling (the paper's), or CBRS
+
+    def __post_init__(self) -> None:
+        _check_buffer_settings(self)
+
+
+@dataclass(frozen=True)
+class DERPPConfig:
+    """Settings of `derpp:key=value,...`: DER's, and `beta`. The defaults are the published
+    Seq-MNIST settings at a buffer of 500 (alpha 1, beta 0.5)."""
+
+    capacity: int = 500  # rows the buffer holds at most
+    alpha: float = 1.0  # weight of the squared error toward the stored logits
+    beta: float = 0.5  # weight of the cross-entropy on a second, independent buffer draw
+    batch_size: int | None = None  # rows per buffer draw (each); None: as many as the batch
+    policy: Policy = "reservoir"  # which rows stay: reservoir sampling (the paper's), or CBRS
+
+    def __post_init__(self) -> None:
+        _check_buffer_settings(self)
+        _check_weight("beta", self.beta)
+
+
+def fresh_rows(batch: Batch, logits: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """The rows of `batch` that are new data (not replayed by another strategy), with their
+    logits: what enters the buffer."""
+    if batch.replayed is None:
+        return batch.x, batch.y, batch.task, logits
+    index = batch.fresh().nonzero().squeeze(1)
+    return take(batch.x, index), batch.y[index], batch.task[index], logits[index]
+
+
+class DER(Strategy):
+    """Dark Experience Replay: logits stored with the rows, matched by a squared error."""
+
+    name: ClassVar[str] = "der"
+    config_class: ClassVar[type] = DERConfig
+
+    def __init__(self, config: DERConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+        self.buffer: Buffer | None = None
+        self.scenario: str | None = None
+        self.class_mask: Tensor | None = None
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{field.name}={getattr(self.config, field.name)!r}"
+                             for field in dataclasses.fields(self.config))
+        return f"{type(self).__name__}({settings})"
+
+    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        check_hook_arguments(f"{self.name}.before_run", model=model, stream=stream, seed=seed)
+        # Its own generator (apart from replay's): draws never shift the global RNG.
+        generator = torch.Generator().manual_seed(seed + 2_000_003)
+        self.buffer = Buffer(self.config.capacity, self.config.policy, generator,
+                             device_of(model))
+        self.scenario = stream.scenario
+        self.class_mask = stream.class_mask().to(device_of(model))
+
+    def draw(self, rows: int) -> tuple[Any, Tensor, Tensor, Tensor]:
+        """`rows` distinct buffer rows (fewer while the buffer holds fewer): x, y, task, logits."""
+        x, y, task_ids, stored = self.buffer.sample(self.config.batch_size or rows)
+        return x, y, task_ids, stored
+
+    def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
+                   task: Task) -> dict[str, Tensor]:
+        check_hook_arguments(f"{self.name}.loss_terms", model=model, batch=batch,
+                             logits=logits, task=task)
+        self._check_started("loss_terms")
+        if not len(self.buffer):
+            return {}
+        x, _, _, stored = self.draw(len(batch))
+        everything = torch.ones(1, stored.shape[1], dtype=torch.bool, device=stored.device)
+        return {"mse": logit_mse(stored, logits_of(model, x), everything, self.config.alpha)}
+
+    def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
+        check_hook_arguments(f"{self.name}.after_step", model=model, batch=batch,
+                             logits=logits, task=task)
+        self._check_started("after_step")
+        # The raw logits of this step's forward pass, before the update: the paper's targets.
+        x, y, task_ids, row_logits = fresh_rows(batch, logits.detach())
+        self.buffer.insert(x, y, task_ids, row_logits)
+
+    def _check_started(self, hook: str) -> None:
+        if self.buffer is None:
+            raise RuntimeError(f"{self.name}.{hook}: call before_run(model, stream, seed) "
+                               "first; it creates the buffer")
+
+    def report(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return {}
+        return {"buffer_bytes": int(self.buffer.nbytes), "buffer_rows": len(self.buffer),
+                "seen": int(self.buffer.seen)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.buffer is None else {"buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.buffer is None:
+            raise ValueError("load_state_dict needs before_run to have created the buffer")
+        if state:
+            self.buffer.load_state_dict(state["buffer"])
+
+
+class DERPP(DER):
+    """DER++: DER's squared error, plus the cross-entropy of a second, independent draw.
+
+    The second draw's labels are matched over all classes, or in the task scenario over each
+    row's own task's classes, as the runner's cross-entropy is."""
+
+    name: ClassVar[str] = "derpp"
+    config_class: ClassVar[type] = DERPPConfig
+
+    def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
+                   task: Task) -> dict[str, Tensor]:
+        terms = super().loss_terms(model, batch, logits, task)
+        if not terms:
+            return terms
+        x, y, task_ids, _ = self.draw(len(batch))
+        replayed = logits_of(model, x)
+        if self.scenario == "task":
+            replayed = replayed.masked_fill(~self.class_mask[task_ids],
+                                            torch.finfo(replayed.dtype).min)
+        terms["ce"] = self.config.beta * F.cross_entropy(replayed, y)
+        return terms
