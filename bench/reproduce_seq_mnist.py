@@ -28,7 +28,8 @@ PUBLISHED = {
     "lwf (working)": (19.62, 94.11),
     "er-200": (80.43, 97.86),
     "er-500": (86.12, 99.04),
-    "der-200": (84.55, 98.80),  # DER: the table of mammoth's README at its first commit
+    "oewc": (20.46, 98.39),  # oEWC and DER: the table of mammoth's README at its first commit
+    "der-200": (84.55, 98.80),
     "der-500": (90.54, 98.84),
     "der++-200": (85.61, 98.76),
     "der++-500": (91.00, 99.16),
@@ -62,6 +63,8 @@ for size in (200, 500):
                   "ema:decay=0.995,eval_with=both"], f"der++-{size}")
 
 
+# Online EWC as published (mammoth's utils/best_args.py, seq-mnist ewc_on): lambda 90, gamma 1.
+CONFIGS["oewc"] = (0.03, 0.0, ["ewc:strength=90,gamma=1"], "oewc")
 # DER and DER++ as published (mammoth's utils/best_args.py, seq-mnist): the learning rate, the
 # rows per buffer draw (minibatch_size) and the weights.
 for size, lr, draw, alpha in ((200, 0.03, 10, 0.2), (500, 0.03, 128, 1.0)):

@@ -1,0 +1,141 @@
+"""Online EWC (Schwarz et al. 2018, "Progress & Compress"; Kirkpatrick et al. 2017): after each
+task, the diagonal of the Fisher information at the trained weights, added to the running one
+decayed by `gamma`; while training, `strength` times sum_i F_i (w_i - w*_i)^2, with w* the weights
+after the last task.
+
+The Fisher is the one of mammoth's `ewc_on` (the DER table's): per training row, the squared
+gradient of log p(y | x) at the row's true label, weighted by p(y | x), averaged over the rows.
+Per-row gradients come from `torch.func` (`vmap` of `grad`), a chunk of rows at a time, with
+the model in eval mode (the weights the evaluation would see).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from cl.models import device_of, eval_mode, model_input
+from cl.strategy import Strategy
+from cl.types import Batch, Split, Stream, Task, check_hook_arguments
+
+
+@dataclass(frozen=True)
+class EWCConfig:
+    """Settings of `ewc:key=value,...`."""
+
+    strength: float = 1.0  # lambda: weight of the penalty sum_i F_i (w_i - w*_i)^2
+    gamma: float = 1.0  # decay of the running Fisher at each new task (1: every task counts)
+    chunk: int = 256  # rows whose per-row gradients are taken at once (memory, not results)
+
+    def __post_init__(self) -> None:
+        for name in ("strength", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.gamma > 1:
+            raise ValueError(f"gamma must be at most 1 (a decay), got {self.gamma}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0:
+            raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
+
+
+def ewc_penalty(model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, Tensor]
+                ) -> Tensor:
+    """sum_i F_i (w_i - w*_i)^2 over the parameters the Fisher covers: zero at the anchor."""
+    parameters = dict(model.named_parameters())
+    terms = [(fisher[name] * (parameters[name] - anchor[name]).pow(2)).sum() for name in fisher]
+    return torch.stack(terms).sum()
+
+
+def fisher_diagonal(model: nn.Module, split: Split, allowed: Tensor | None,
+                    chunk: int) -> dict[str, Tensor]:
+    """The mean over `split`'s rows of p(y|x) * (d log p(y|x) / dw)^2, per trainable parameter;
+    `allowed` (bool, classes) restricts the softmax to a task's classes (the task scenario)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    parameters = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def log_likelihood(weights: dict[str, Tensor], x: Tensor, y: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, (weights, frozen, buffers), (x.unsqueeze(0),))[0]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        value = F.log_softmax(logits, 0).gather(0, y.unsqueeze(0))[0]  # vmap: no indexing
+        return value, value.detach()
+
+    per_row = vmap(grad(log_likelihood, has_aux=True), in_dims=(None, 0, 0))
+    total = {name: torch.zeros_like(parameters[name]) for name in names}
+    with eval_mode(model):
+        for start in range(0, len(split), chunk):
+            rows = slice(start, start + chunk)
+            x = split.rows(rows)
+            if isinstance(x, dict):
+                raise ValueError("ewc computes its Fisher for tensor inputs; a tokenized "
+                                 "text stream is not supported yet")
+            gradients, log_p = per_row(parameters, model_input(x), split.y[rows])
+            weight = log_p.exp()
+            for name in names:
+                shape = (-1,) + (1,) * (gradients[name].dim() - 1)
+                total[name] += (weight.view(shape) * gradients[name].pow(2)).sum(0)
+    return {name: value / max(len(split), 1) for name, value in total.items()}
+
+
+class EWC(Strategy):
+    """Online elastic weight consolidation: a quadratic pull toward the last task's weights,
+    each weight by its (decayed, accumulated) Fisher information."""
+
+    name: ClassVar[str] = "ewc"
+    config_class: ClassVar[type] = EWCConfig
+
+    def __init__(self, config: EWCConfig | None = None) -> None:
+        self.config = config if config is not None else EWCConfig()
+        self.fisher: dict[str, Tensor] | None = None
+        self.anchor: dict[str, Tensor] | None = None
+        self.scenario: str | None = None
+        self.class_mask: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"EWC({self.config})"
+
+    def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
+        check_hook_arguments("ewc.before_run", model=model, stream=stream, seed=seed)
+        self.scenario = stream.scenario
+        self.class_mask = stream.class_mask().to(device_of(model))
+
+    def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
+                   task: Task) -> dict[str, Tensor]:
+        check_hook_arguments("ewc.loss_terms", model=model, batch=batch, logits=logits,
+                             task=task)
+        if self.fisher is None:
+            return {}  # the first task: nothing to keep yet
+        return {"penalty": self.config.strength * ewc_penalty(model, self.fisher, self.anchor)}
+
+    def after_task(self, model: nn.Module, task: Task) -> None:
+        check_hook_arguments("ewc.after_task", model=model, task=task)
+        allowed = self.class_mask[task.index] if self.scenario == "task" else None
+        fisher = fisher_diagonal(model, task.train, allowed, self.config.chunk)
+        if self.fisher is not None:
+            fisher = {name: self.config.gamma * self.fisher[name] + value
+                      if name in self.fisher else value for name, value in fisher.items()}
+        self.fisher = fisher
+        self.anchor = {name: p.detach().clone() for name, p in model.named_parameters()
+                       if name in fisher}
+
+    def report(self) -> dict[str, Any]:
+        if self.fisher is None:
+            return {}
+        return {"fisher_mean": float(torch.cat([f.flatten() for f in self.fisher.values()])
+                                     .mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fisher, self.anchor = state["fisher"], state["anchor"]
