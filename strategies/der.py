@@ -94,6 +94,8 @@ class DER(Strategy):
 
     name: ClassVar[str] = "der"
     config_class: ClassVar[type] = DERConfig
+    # Its loss terms forward the model on buffer draws (what distill:on=features must not read).
+    forwards_in_loss_terms: ClassVar[bool] = True
 
     def __init__(self, config: DERConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

@@ -203,6 +203,12 @@ class Distill(Strategy):
 
     def check_composition(self, chain: tuple[Strategy, ...]) -> None:
         if self.config.on == "features":
+            earlier = [other.name for other in chain[:chain.index(self)]
+                       if getattr(other, "forwards_in_loss_terms", False)]
+            if earlier:
+                raise ValueError(f"distill:on=features must come before {earlier[0]}: its loss "
+                                 "terms forward the model on other rows, and the features "
+                                 "distill reads would be theirs")
             after_module_changes(self, chain, "distill:on=features hooks the head before each "
                                  "task, and a module added after it would replace the head")
         if self.config.targets != "buffer":

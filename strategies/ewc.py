@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from cl.errors import UsageError
 from cl.models import device_of, eval_mode, model_input
-from cl.strategy import Strategy
+from cl.strategy import Strategy, after_module_changes
 from cl.types import Batch, Split, Stream, Task, check_hook_arguments
 
 
@@ -51,6 +52,11 @@ def ewc_penalty(model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, T
     parameters = dict(model.named_parameters())
     terms = [(fisher[name] * (parameters[name] - anchor[name]).pow(2)).sum() for name in fisher]
     return torch.stack(terms).sum()
+
+
+def to_device(tensors: dict[str, Tensor] | None, device: torch.device
+              ) -> dict[str, Tensor] | None:
+    return None if tensors is None else {name: t.to(device) for name, t in tensors.items()}
 
 
 def fisher_diagonal(model: nn.Module, split: Split, allowed: Tensor | None,
@@ -100,14 +106,25 @@ class EWC(Strategy):
         self.anchor: dict[str, Tensor] | None = None
         self.scenario: str | None = None
         self.class_mask: Tensor | None = None
+        self.device: torch.device | None = None
 
     def __repr__(self) -> str:
         return f"EWC({self.config})"
 
+    def check_composition(self, chain: tuple[Strategy, ...]) -> None:
+        after_module_changes(self, chain, "ewc anchors the weights by name after each task, and "
+                             "a module added or merged after it would rename them")
+
+    def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
+        if isinstance(stream.tasks[0].train.x, dict):
+            raise UsageError("ewc computes its Fisher from tensor inputs; a tokenized text "
+                             f"stream ({stream.name!r}) is not supported")
+
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         check_hook_arguments("ewc.before_run", model=model, stream=stream, seed=seed)
         self.scenario = stream.scenario
-        self.class_mask = stream.class_mask().to(device_of(model))
+        self.device = device_of(model)
+        self.class_mask = stream.class_mask().to(self.device)
 
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:
@@ -138,4 +155,7 @@ class EWC(Strategy):
         return {"fisher": self.fisher, "anchor": self.anchor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher, self.anchor = state["fisher"], state["anchor"]
+        # A checkpoint loads on the CPU: the penalty needs both where the model is.
+        device = self.device or torch.device("cpu")
+        self.fisher = to_device(state.get("fisher"), device)
+        self.anchor = to_device(state.get("anchor"), device)

@@ -100,3 +100,41 @@ def test_same_seed_same_matrix_and_the_cli_form(tmp_path, capsys):
               *FAST) == 0
     assert cl("run", "--out", tmp_path / "bad", "--strategy", "ewc:gamma=2", *FAST) == 2
     assert "gamma must be at most 1" in capsys.readouterr().err
+
+
+def test_compositions_ewc_cannot_be_in_and_text_inputs_are_refused_before_training():
+    from cl.errors import UsageError
+    from cl.strategy import Chain
+    from cl.types import Stream, Task
+    from strategies import DER, Distill, DistillConfig, LoRA, LoRAConfig
+
+    with pytest.raises(ValueError, match="ewc must come after lora"):
+        Chain(EWC(), LoRA(LoRAConfig(rank=2)))
+    Chain(LoRA(LoRAConfig(rank=2)), EWC())  # adapters first: EWC anchors what they made
+    with pytest.raises(ValueError, match="distill:on=features must come before der"):
+        Chain(DER(), Distill(DistillConfig(on="features", teacher="initial")))
+    tokens = {"input_ids": torch.ones(4, 3, dtype=torch.long),
+              "attention_mask": torch.ones(4, 3, dtype=torch.long)}
+    text = Stream.from_tasks([Task.from_tensors(tokens, torch.tensor([0, 1, 0, 1]))])
+    with pytest.raises(UsageError, match="ewc computes its Fisher from tensor inputs"):
+        EWC().check(torch.nn.Linear(3, 2), text, False)
+
+
+def test_a_checkpoint_loads_where_the_model_is():
+    """Checkpoints load on the CPU; the Fisher and anchor go to the model's device (meta here,
+    a device with no memory, standing for a GPU)."""
+    stream = blob_stream(num_tasks=2)
+    model = tiny_model(stream)
+    ewc = EWC()
+    ewc.before_run(model, stream, 0)
+    ewc.after_task(model, stream.tasks[0])
+    state = ewc.state_dict()
+    elsewhere = EWC()
+    elsewhere.before_run(tiny_model(stream).to("meta"), stream, 0)
+    elsewhere.load_state_dict(state)
+    assert all(t.device.type == "meta" for t in [*elsewhere.fisher.values(),
+                                                 *elsewhere.anchor.values()])
+    empty = EWC()
+    empty.before_run(model, stream, 0)
+    empty.load_state_dict({})  # a checkpoint of a strategy that had nothing yet
+    assert empty.fisher is None
