@@ -20,6 +20,7 @@ from tasks.images import LAYOUTS
 from tasks.mnist import load_mnist
 from tasks.npz import load_npz
 from tasks.split import (
+    Statistics,
     check_positive,
     check_scenario,
     normalized,
@@ -79,22 +80,24 @@ def _refuse_class_split(stream: str, options: StreamOptions) -> None:
                          "every task holds all classes")
 
 
-# Image streams take `normalize=none|mnist|means/stds`: none keeps pixels / 255, the DER
-# protocol's input.
-IMAGE_SETTINGS = {"normalize": "none"}
+def _image_settings(stream: str, options: StreamOptions, defaults: dict[str, str]
+                    ) -> tuple[dict[str, str], Statistics | None]:
+    """An image stream's own settings, and its `normalize=none|mnist|means/stds` parsed (None:
+    pixels / 255, the DER protocol's input), so that a bad value fails before loading."""
+    settings = _checked_settings(stream, options, {**defaults, "normalize": "none"})
+    return settings, parse_normalization(stream, settings.pop("normalize"))
 
 
-def _normalize(stream: Stream, settings: dict[str, str]) -> Stream:
-    statistics = parse_normalization(stream.name, settings["normalize"])
+def _normalize(stream: Stream, statistics: Statistics | None) -> Stream:
     return stream if statistics is None else normalized(stream, *statistics)
 
 
 def _split(stream: str, options: StreamOptions, arrays: Arrays,
-           settings: dict[str, str]) -> Stream:
+           statistics: Statistics | None) -> Stream:
     return _normalize(split_stream(
         stream, *arrays, scenario=options.scenario or "class", num_tasks=options.num_tasks,
         classes_per_task=options.classes_per_task, class_order=options.class_order,
-        seed=options.seed), settings)
+        seed=options.seed), statistics)
 
 
 def _num_tasks(options: StreamOptions, default: int) -> int:
@@ -103,13 +106,12 @@ def _num_tasks(options: StreamOptions, default: int) -> int:
 
 def _permuted(stream: str, options: StreamOptions, load: Callable[[], Arrays],
               default_tasks: int) -> Stream:
-    settings = _checked_settings(stream, options, IMAGE_SETTINGS)
-    parse_normalization(stream, settings["normalize"])  # a bad value fails before loading
+    _, statistics = _image_settings(stream, options, {})
     _refuse_class_split(stream, options)
     return _normalize(permuted_stream(stream, *load(),
                                       num_tasks=_num_tasks(options, default_tasks),
                                       scenario=options.scenario or "domain", seed=options.seed),
-                      settings)
+                      statistics)
 
 
 def _parse_angles(stream: str, text: str) -> list[float] | None:
@@ -128,22 +130,20 @@ def _parse_angles(stream: str, text: str) -> list[float] | None:
 
 def _rotated(stream: str, options: StreamOptions, load: Callable[[], Arrays],
              default_tasks: int) -> Stream:
-    settings = _checked_settings(stream, options, {"angles": "", **IMAGE_SETTINGS})
-    parse_normalization(stream, settings["normalize"])
+    settings, statistics = _image_settings(stream, options, {"angles": ""})
     _refuse_class_split(stream, options)
     angles = _parse_angles(stream, settings["angles"])
     num_tasks = options.num_tasks if angles is not None else _num_tasks(options, default_tasks)
     return _normalize(rotated_stream(stream, *load(), num_tasks=num_tasks,
                                      scenario=options.scenario or "domain", seed=options.seed,
-                                     angles=angles), settings)
+                                     angles=angles), statistics)
 
 
 def split_digits(options: StreamOptions) -> Stream:
     """Split digits: scikit-learn's 8x8 digits (offline), 5 tasks of 2 classes each."""
-    settings = _checked_settings("split-digits", options, IMAGE_SETTINGS)
-    parse_normalization("split-digits", settings["normalize"])
+    _, statistics = _image_settings("split-digits", options, {})
     _refuse_data("split-digits", options)
-    return _split("split-digits", options, load_digits(), settings)
+    return _split("split-digits", options, load_digits(), statistics)
 
 
 def permuted_digits(options: StreamOptions) -> Stream:
@@ -160,9 +160,8 @@ def rotated_digits(options: StreamOptions) -> Stream:
 
 def split_mnist(options: StreamOptions) -> Stream:
     """Split MNIST: 5 tasks of 2 digit classes each (--data mnist.npz, else the HF hub)."""
-    settings = _checked_settings("split-mnist", options, IMAGE_SETTINGS)
-    parse_normalization("split-mnist", settings["normalize"])
-    return _split("split-mnist", options, load_mnist(options.data), settings)
+    _, statistics = _image_settings("split-mnist", options, {})
+    return _split("split-mnist", options, load_mnist(options.data), statistics)
 
 
 def permuted_mnist(options: StreamOptions) -> Stream:
@@ -179,28 +178,25 @@ def rotated_mnist(options: StreamOptions) -> Stream:
 
 def split_npz(options: StreamOptions) -> Stream:
     """Class splits of any .npz with x_train, y_train, x_test, y_test (--data file.npz)."""
-    settings = _checked_settings("split-npz", options, {"layout": "auto", **IMAGE_SETTINGS})
-    parse_normalization("split-npz", settings["normalize"])
+    settings, statistics = _image_settings("split-npz", options, {"layout": "auto"})
     path = _require_data("split-npz", options, "an .npz file with x_train, y_train, x_test, y_test")
     if settings["layout"] not in LAYOUTS:
         raise UsageError(f"layout={settings['layout']!r} for stream 'split-npz' is not one of "
                          f"{', '.join(LAYOUTS)}")
-    return _split("split-npz", options, load_npz(path, layout=settings["layout"]), settings)
+    return _split("split-npz", options, load_npz(path, layout=settings["layout"]), statistics)
 
 
 def split_hf(options: StreamOptions) -> Stream:
     """Class splits of any image-classification dataset from `datasets` (--data name or path)."""
-    settings = _checked_settings("split-hf", options, {
+    settings, statistics = _image_settings("split-hf", options, {
         "image_column": "image", "label_column": "label",
-        "train_split": "train", "test_split": "test", **IMAGE_SETTINGS})
-    parse_normalization("split-hf", settings["normalize"])
+        "train_split": "train", "test_split": "test"})
     source = _require_data("split-hf", options, "a Hugging Face dataset name or local path")
     try:
-        arrays = load_image_classification(source, **{
-            key: value for key, value in settings.items() if key not in IMAGE_SETTINGS})
+        arrays = load_image_classification(source, **settings)
     except HubUnreachable as error:
         raise HubUnreachable(f"{error}; give a local directory with --data") from None
-    return _split("split-hf", options, arrays, settings)
+    return _split("split-hf", options, arrays, statistics)
 
 
 # The continual-learning text benchmark of the LoRA-for-CL literature (de Masson d'Autume et al.
