@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from cl.models import device_of, logits_of
 from cl.strategy import Strategy
-from cl.types import Batch, Stream, Task, check_hook_arguments, take
+from cl.types import Batch, Stream, Task, check_hook_arguments
 from strategies.distill import logit_mse
-from strategies.replay import POLICIES, Buffer
+from strategies.replay import Buffer, check_buffer_settings, fresh_rows
 
 # replay's policies, spelled here so that `cl list` reads them from this file's source.
 Policy = Literal["reservoir", "class_balanced"]
@@ -34,19 +34,6 @@ def _check_weight(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-
-
-def _check_buffer_settings(config: Any) -> None:
-    if isinstance(config.capacity, bool) or not isinstance(config.capacity, int) \
-            or config.capacity <= 0:
-        raise ValueError(f"capacity must be a positive integer, got {config.capacity!r}")
-    _check_weight("alpha", config.alpha)
-    if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(
-            config.batch_size, int) or config.batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive integer or None, "
-                         f"got {config.batch_size!r}")
-    if config.policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +48,8 @@ class DERConfig:
     policy: Policy = "reservoir"  # which rows stay: reservoir sampling (the paper's), or CBRS
 
     def __post_init__(self) -> None:
-        _check_buffer_settings(self)
+        check_buffer_settings(self.capacity, self.policy, self.batch_size)
+        _check_weight("alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -76,17 +64,9 @@ class DERPPConfig:
     policy: Policy = "reservoir"  # which rows stay: reservoir sampling (the paper's), or CBRS
 
     def __post_init__(self) -> None:
-        _check_buffer_settings(self)
+        check_buffer_settings(self.capacity, self.policy, self.batch_size)
+        _check_weight("alpha", self.alpha)
         _check_weight("beta", self.beta)
-
-
-def fresh_rows(batch: Batch, logits: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
-    """The rows of `batch` that are new data (not replayed by another strategy), with their
-    logits: what enters the buffer."""
-    if batch.replayed is None:
-        return batch.x, batch.y, batch.task, logits
-    index = batch.fresh().nonzero().squeeze(1)
-    return take(batch.x, index), batch.y[index], batch.task[index], logits[index]
 
 
 class DER(Strategy):
@@ -119,8 +99,7 @@ class DER(Strategy):
 
     def draw(self, rows: int) -> tuple[Any, Tensor, Tensor, Tensor]:
         """`rows` distinct buffer rows (fewer while the buffer holds fewer): x, y, task, logits."""
-        x, y, task_ids, stored = self.buffer.sample(self.config.batch_size or rows)
-        return x, y, task_ids, stored
+        return self.buffer.sample(self.config.batch_size or rows)
 
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:

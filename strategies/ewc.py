@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 from cl.errors import UsageError
 from cl.models import device_of, eval_mode, model_input
 from cl.strategy import Strategy, after_module_changes
-from cl.types import Batch, Split, Stream, Task, check_hook_arguments
+from cl.types import Batch, Split, Stream, Task, check_hook_arguments, to_device
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,6 @@ def ewc_penalty(model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, T
     terms = [(fisher[name] * (parameters[name] - anchor[name]).pow(2)).sum() for name in fisher]
     return torch.stack(terms).sum()
 
-
-def to_device(tensors: dict[str, Tensor] | None, device: torch.device
-              ) -> dict[str, Tensor] | None:
-    return None if tensors is None else {name: t.to(device) for name, t in tensors.items()}
 
 
 def fisher_diagonal(model: nn.Module, split: Split, allowed: Tensor | None,
@@ -157,5 +153,6 @@ class EWC(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # A checkpoint loads on the CPU: the penalty needs both where the model is.
         device = self.device or torch.device("cpu")
-        self.fisher = to_device(state.get("fisher"), device)
-        self.anchor = to_device(state.get("anchor"), device)
+        self.fisher, self.anchor = (None if state.get(key) is None
+                                    else to_device(state[key], device)
+                                    for key in ("fisher", "anchor"))

@@ -32,6 +32,28 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_buffer_settings(capacity: Any, policy: Any, batch_size: Any) -> None:
+    """A ValueError naming the first bad setting of a buffer (replay's, DER's)."""
+    if not _is_int(capacity) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+
+
+def fresh_rows(batch: Batch, logits: Tensor, known_fresh: int | None = None
+               ) -> tuple[Inputs, Tensor, Tensor, Tensor]:
+    """The rows of `batch` that are new data (not replayed), with their logits: what enters a
+    buffer. `known_fresh`: the caller appended the replayed rows after that many fresh ones, so
+    the mask need not be read (on an accelerator, a wait for the device)."""
+    if batch.replayed is None:
+        return batch.x, batch.y, batch.task, logits
+    index = slice(0, known_fresh) if known_fresh is not None \
+        else batch.fresh().nonzero().squeeze(1)
+    return take(batch.x, index), batch.y[index], batch.task[index], logits[index]
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     """Settings of `replay:key=value,...`.
@@ -49,14 +71,7 @@ class ReplayConfig:
     store_logits: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.capacity) or self.capacity <= 0:
-            raise ValueError(f"capacity must be a positive integer, got {self.capacity!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, "
-                             f"got {self.policy!r}")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive integer or None, "
-                             f"got {self.batch_size!r}")
+        check_buffer_settings(self.capacity, self.policy, self.batch_size)
         if self.insert not in INSERTS:
             raise ValueError(f"insert must be one of {', '.join(INSERTS)}, got {self.insert!r}")
         if not isinstance(self.store_logits, bool):
@@ -461,16 +476,11 @@ class Replay(Strategy):
         self._check_started("after_step")
         if self.config.insert != "online":
             return
-        if batch.replayed is None:
-            x, y, task_ids = batch.x, batch.y, batch.task
-        else:
-            if self._fresh_rows is not None and self._fresh_rows[0] is batch:
-                index = slice(0, self._fresh_rows[1])
-                self._fresh_rows = None  # do not keep the batch alive until the next step
-            else:  # a batch another strategy made: read its mask
-                index = batch.fresh().nonzero().squeeze(1)
-            x, y, task_ids = take(batch.x, index), batch.y[index], batch.task[index]
-            logits = logits[index]
+        # A batch another strategy made has its mask read.
+        known = self._fresh_rows[1] if self._fresh_rows is not None \
+            and self._fresh_rows[0] is batch else None
+        self._fresh_rows = None  # do not keep the batch alive until the next step
+        x, y, task_ids, logits = fresh_rows(batch, logits, known)
         self.buffer.insert(x, y, task_ids, logits.detach() if self.config.store_logits else None)
 
     def after_task(self, model: nn.Module, task: Task) -> None:
