@@ -64,6 +64,10 @@ def run_command(
     test_per_task: Annotated[str | None, Opt(metavar="INT",
                                              help="Cap each task's test rows (seeded, "
                                              "stratified by class) [all]")] = None,
+    val_fraction: Annotated[str | None, Opt(metavar="FLOAT",
+                                            help="Hold out this fraction of each task's "
+                                            "training rows (seeded, stratified) and record "
+                                            "their accuracy matrix too [0]")] = None,
     model: Annotated[str | None, Opt(help="Model: mlp, cnn, minilm (text), or "
                                           "hf:<name-or-path> (text) [mlp]")] = None,
     hidden: Annotated[str | None, Opt(metavar="SIZES",
@@ -123,7 +127,8 @@ def run_command(
     flags = {"tasks": tasks, "scenario": scenario, "num_tasks": num_tasks,
              "classes_per_task": classes_per_task, "class_order": class_order, "data": data,
              "train_per_task": train_per_task, "test_per_task": test_per_task,
-             "model": model, "hidden": hidden, "init": init, "optimizer": optimizer, "lr": lr,
+             "val_fraction": val_fraction, "model": model, "hidden": hidden, "init": init,
+             "optimizer": optimizer, "lr": lr,
              "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
              "epochs": epochs, "seed": seed, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "log_every": log_every, "device": device,
@@ -252,6 +257,10 @@ def report_command(
                                              help="Compare configuration B with A seed by seed "
                                              "(names or unique parts of them; repeatable) "
                                              "[every pair, up to 8 configurations]")] = None,
+    select_on: Annotated[str, Opt(help="none, or val: per method (its strategies' names), keep "
+                                       "only the configuration with the best validation ACC "
+                                       "(runs made with --val-fraction) and report its test "
+                                       "numbers")] = "none",
 ) -> None:
     """Tables (mean, std, 95% CI over seeds), paired comparisons and figures of many runs."""
     from rich.markup import escape
@@ -272,7 +281,7 @@ def report_command(
             raise UsageError("with several directories, say where the report goes: --out DIR")
         out = directories[0] / "report"
     out = output_directory(out, "--out")
-    report = build_report(directories, pairs)
+    report = build_report(directories, pairs, select_on)
     files = write_report(report, out, html_page=html)
 
     console = _console(wide=True)
@@ -285,6 +294,15 @@ def report_command(
     for row in cells:
         table.add_row(*map(escape, row))  # labels such as '... [live weights]'
     console.print(table)
+    if report.selections:
+        table = Table(title="Chosen on validation (mean final ACC on the held-out rows, %)",
+                      title_justify="left")
+        for title in ("method", "chosen", "validation ACC", "among"):
+            table.add_column(title)
+        for chosen in report.selections:
+            table.add_row(escape(chosen.method), escape(chosen.chosen),
+                          f"{100 * chosen.validation_acc:.2f}", str(len(chosen.candidates)))
+        console.print(table)
     if report.comparisons:
         header, cells = paired_table(report.comparisons, report.groups)
         table = Table(title="Paired: B minus A on shared seeds (points)", title_justify="left")

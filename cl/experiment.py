@@ -60,6 +60,7 @@ class RunConfig:
     eval_on: str = "all"  # after each task evaluate all tasks, the seen ones, or only at the end
     eval_tokens: int = 4096  # a text evaluation batch's token budget (rows x padded width)
     threads: int | None = None  # torch's intra-op threads; None: torch's own choice, recorded
+    val_fraction: float = 0.0  # of each task's training rows, held out as its validation split
     strategy: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -70,6 +71,9 @@ class RunConfig:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be at least 0 and below 1, got "
+                             f"{self.val_fraction}")
         if self.hidden is not None and any(size <= 0 for size in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {list(self.hidden)}")
 
@@ -310,7 +314,7 @@ def build(config: RunConfig) -> Built:
     """
     import torch
 
-    from cl.sampling import cap_stream
+    from cl.sampling import cap_stream, hold_out
 
     checked = plan(config)
     config, given = absolute_paths(config)
@@ -323,6 +327,7 @@ def build(config: RunConfig) -> Built:
         train_per_task=config.train_per_task, test_per_task=config.test_per_task,
         tokenizer=tokenizer))
     stream = cap_stream(stream, config.train_per_task, config.test_per_task, config.seed)
+    stream = hold_out(stream, config.val_fraction, config.seed)
     text_inputs = isinstance(stream.tasks[0].train.x, dict)
     hidden = config.hidden
     if backbone is not None:

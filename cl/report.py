@@ -51,7 +51,7 @@ ACCURACIES = tuple(key for key, _, _ in METRICS if key not in COSTS)
 # The ones of ACCURACIES that compare two accuracies, so lie in [-1, 1] rather than [0, 1].
 DIFFERENCES = ("bwt", "fwt", "forgetting")
 # The row label of a variant, an extra evaluation a strategy records (EMA's eval_with=both).
-VARIANT_LABELS = {"live": "live weights"}
+VARIANT_LABELS = {"live": "live weights", "validation": "validation rows"}
 SEED_SUFFIX = re.compile(r"^(?P<configuration>.+)-seed-?\d+$")
 
 
@@ -384,7 +384,8 @@ def _format_setting(key: str, value: Any) -> str:
 # Settings config.json gained after runs were already on disk, with the default those runs had
 # (kept here, not read from RunConfig, so that a report need not import torch; a test checks
 # that they are RunConfig's defaults).
-ADDED_SETTINGS = {"precision": "fp32", "eval_on": "all", "eval_tokens": 4096}
+ADDED_SETTINGS = {"precision": "fp32", "eval_on": "all", "eval_tokens": 4096,
+                  "val_fraction": 0.0}
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -684,6 +685,54 @@ def _html_table(header: list[str], cells: list[list[str]]) -> str:
 # Writing -------------------------------------------------------------------------------
 
 
+SELECT_ON = ("none", "val")
+
+
+def method_of(config: dict[str, Any]) -> str:
+    """What `--select-on` chooses among: the strategies' names in their order, their settings
+    left out (a joint run apart), so that `ema:decay=0.99` and `ema:decay=0.999` compete."""
+    names = [spec.partition(":")[0] for spec in config.get("strategy") or []]
+    return ("joint " if config.get("joint") else "") + (" + ".join(names) or "naive")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The configuration chosen for one method, and what it was chosen among."""
+
+    method: str
+    chosen: str  # the chosen group's name
+    validation_acc: float  # its mean final ACC on the validation rows, in [0, 1]
+    candidates: tuple[tuple[str, float], ...]  # (group name, mean validation ACC), all of them
+
+
+def validation_acc(group: Group) -> float:
+    """The group's mean final ACC on its runs' validation rows; a run without them is one
+    line naming it."""
+    values = []
+    for run in group.runs:
+        validation = run.metrics.get("variants", {}).get("validation")
+        if validation is None or validation.get("acc") is None:
+            raise UsageError(f"--select-on val: run {run.path} has no validation matrix "
+                             "(run it with --val-fraction F)")
+        values.append(float(validation["acc"]))
+    return float(np.mean(values))
+
+
+def select_on_validation(groups: Sequence[Group]) -> tuple[list[Group], list[Selection]]:
+    """Per method (`method_of`), the group with the best mean validation ACC (the first one
+    on a tie): the groups kept, in their order, and what was chosen among what."""
+    by_method: dict[str, list[tuple[Group, float]]] = {}
+    for group in groups:
+        by_method.setdefault(method_of(group.config), []).append((group, validation_acc(group)))
+    selections, kept = [], set()
+    for method, scored in by_method.items():
+        best, score = max(scored, key=lambda pair: pair[1])  # max keeps the first of equals
+        kept.add(id(best))
+        selections.append(Selection(method, best.name, score,
+                                     tuple((group.name, value) for group, value in scored)))
+    return [group for group in groups if id(group) in kept], selections
+
+
 @dataclass
 class Report:
     groups: list[Group]
@@ -691,11 +740,17 @@ class Report:
     comparisons: list[Paired]
     found: Found
     files: list[Path] = field(default_factory=list)
+    selections: list[Selection] = field(default_factory=list)  # with --select-on val
 
 
 def build_report(directories: Sequence[str | Path],
-                 pairs: Sequence[tuple[str, str]] | None = None) -> Report:
-    """Read, group, summarize and compare the runs under `directories`."""
+                 pairs: Sequence[tuple[str, str]] | None = None,
+                 select_on: str = "none") -> Report:
+    """Read, group, summarize and compare the runs under `directories`; with `select_on` "val",
+    only the configuration with the best validation ACC of each method is kept (its test
+    numbers are what the tables show)."""
+    if select_on not in SELECT_ON:
+        raise UsageError(f"--select-on must be one of {', '.join(SELECT_ON)}, got {select_on!r}")
     found = find_runs(directories)
     if not found.runs:
         where = ", ".join(str(directory) for directory in directories)
@@ -706,7 +761,11 @@ def build_report(directories: Sequence[str | Path],
                         + " ".join(str(error).split()))
         raise UsageError(message)
     groups = group_runs(found.runs)
-    return Report(groups, summarize(groups), comparisons(groups, pairs), found)
+    selections: list[Selection] = []
+    if select_on == "val":
+        groups, selections = select_on_validation(groups)
+    return Report(groups, summarize(groups), comparisons(groups, pairs), found,
+                  selections=selections)
 
 
 def _csv_text(report: Report) -> str:
@@ -746,7 +805,13 @@ def _json_data(report: Report, figures: list[str]) -> dict[str, Any]:
                         result.diff.ci_high))))}
                    for result in report.comparisons]
     found = report.found
+    selections = [{"method": chosen.method, "chosen": chosen.chosen,
+                   "validation_acc": 100 * chosen.validation_acc,
+                   "candidates": [{"name": name, "validation_acc": 100 * value}
+                                  for name, value in chosen.candidates]}
+                  for chosen in report.selections]
     return {"configurations": configurations, "comparisons": comparisons,
+            "selected_on_validation": selections,
             "duplicates": [str(run.path) for group in report.groups for run in group.duplicates],
             "unfinished": [str(path) for path in found.unfinished],
             "failed": [{"run": str(path), "error": error} for path, error in found.failed],
@@ -821,6 +886,17 @@ def write_report(report: Report, out: str | Path, html_page: bool = False) -> li
                       for group in with_variants(report.groups))
     markdown = ["# Report", "", " ".join(notes), "", explanation, "",
                 _markdown_table(*summary), "", "Configurations:", "", names, ""]
+    if report.selections:
+        markdown += ["## Chosen on validation", "",
+                     "Per method, the configuration with the best mean final ACC on the rows "
+                     "held out of each task's training data (--val-fraction); the tables above "
+                     "show its test numbers.", "",
+                     _markdown_table(["method", "chosen", "validation ACC", "among"],
+                                     [[chosen.method, chosen.chosen,
+                                       f"{100 * chosen.validation_acc:.2f}",
+                                       ", ".join(f"{name} ({100 * value:.2f})"
+                                                 for name, value in chosen.candidates)]
+                                      for chosen in report.selections]), ""]
     if report.comparisons:
         markdown += ["## Paired comparisons", "",
                      "B minus A on the seeds both ran (percentage points); p from a paired "

@@ -8,6 +8,7 @@ of every task of the stream that fills one row of the accuracy matrix R.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -31,6 +32,8 @@ PRECISIONS = ("fp32", "bf16")
 EVAL_ON = ("all", "seen", "final")
 
 MAIN = "main"  # the view of R itself, beside the variants strategies ask for (EMA's "live")
+# The same model as R's, evaluated on the rows held out of each task's training data.
+VALIDATION = "validation"
 
 Listener = Callable[[dict], None]
 Checkpointer = Callable[[dict], None]
@@ -256,8 +259,9 @@ def stream_to_device(stream: Stream, device: torch.device) -> Stream:
         return stream
     moved: dict[int, Inputs] = {}
     tasks = tuple(Task(task.name, task.index, task.train.to(device, moved),
-                       task.test.to(device, moved),
-                       task.classes) for task in stream.tasks)
+                       task.test.to(device, moved), task.classes,
+                       None if task.validation is None else task.validation.to(device, moved))
+                  for task in stream.tasks)
     return Stream(stream.name, tasks, stream.scenario, stream.num_classes, stream.input_shape)
 
 
@@ -314,15 +318,49 @@ def training_loss(model: nn.Module, stream: Stream, strategy: Strategy, batch: B
                   task: Task, class_mask: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The step's loss (cross-entropy plus the strategy's terms), the raw logits and the terms.
 
-    Task-IL trains each row against its own task's classes; strategies see the raw logits."""
+    Task-IL trains each row against its own task's classes, and a strategy may mask more
+    (`cross_entropy_mask`); strategies see the raw logits."""
     logits = logits_of(model, batch.x)
-    masked = mask_logits(logits, class_mask[batch.task]) if stream.scenario == "task" \
-        else logits
-    loss = F.cross_entropy(masked, batch.y)
+    allowed = strategy.cross_entropy_mask(batch, task)
+    if stream.scenario == "task":
+        allowed = class_mask[batch.task] if allowed is None else allowed & class_mask[batch.task]
+    loss = F.cross_entropy(logits if allowed is None else mask_logits(logits, allowed), batch.y)
     terms = strategy.loss_terms(model, batch, logits, task)
     for term in terms.values():
         loss = loss + term
     return loss, logits, terms
+
+
+def validation_task(task: Task) -> Task:
+    """`task` with its validation rows where its test rows were (what `evaluate` reads)."""
+    if task.validation is None:
+        raise ValueError(f"task {task.index} ({task.name}) holds out no validation rows, but "
+                         "others of its stream do")
+    return dataclasses.replace(task, test=task.validation)
+
+
+def gradients_of(model: nn.Module) -> dict[str, Tensor]:
+    """The model's gradients by parameter name, for the parameters that have one."""
+    return {name: parameter.grad for name, parameter in model.named_parameters()
+            if parameter.grad is not None}
+
+
+def set_gradients(model: nn.Module, gradients: dict[str, Tensor]) -> None:
+    """Give the parameters the gradients `adjust_gradients` returned: the same names as
+    `gradients_of` gave, each tensor of its parameter's shape."""
+    parameters = dict(model.named_parameters())
+    expected = {name for name, parameter in parameters.items() if parameter.grad is not None}
+    if missing := sorted(expected - set(gradients)):
+        raise ValueError(f"adjust_gradients returned no gradient for {missing[0]}")
+    if extra := sorted(set(gradients) - expected):
+        raise ValueError(f"adjust_gradients returned a gradient for {extra[0]}, which is not a "
+                         "parameter with a gradient")
+    for name, gradient in gradients.items():
+        if gradient.shape != parameters[name].shape:
+            raise ValueError(f"adjust_gradients returned a gradient of shape "
+                             f"{tuple(gradient.shape)} for {name} of shape "
+                             f"{tuple(parameters[name].shape)}")
+        parameters[name].grad = gradient
 
 
 def after_task_evaluation(stream: Stream, eval_on: str, trained: int, last: bool) -> list[Task]:
@@ -525,17 +563,27 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
     total_steps = config.epochs * sum(steps_per_epoch)
     strategy.check(model, stream, config.joint)
     variants = strategy.eval_variants()
+    if VALIDATION in variants:
+        raise ValueError(f"a strategy's extra evaluation may not be named {VALIDATION!r}: "
+                         "that is the held-out rows' matrix")
+    validated = any(task.validation is not None for task in stream.tasks)
+    views = (MAIN, *variants, *([VALIDATION] if validated else []))
     read_every_step = device.type == "cpu"  # reading a CPU tensor costs no synchronisation
 
     def evaluate_views(tasks: list[Task], keep_predictions: bool = False
                        ) -> dict[str, Evaluation]:
-        """`tasks` evaluated as R's model, then as each variant."""
+        """`tasks` evaluated as R's model, then as each variant, then R's model on the
+        validation rows."""
         evaluations = {MAIN: evaluate(model, stream, strategy, tasks, class_mask, config,
                                       device, keep_predictions)}
         for name in variants:
             with strategy.eval_variant(name):
                 evaluations[name] = evaluate(model, stream, strategy, tasks, class_mask,
                                              config, device)
+        if validated:
+            evaluations[VALIDATION] = evaluate(model, stream, strategy,
+                                               [validation_task(task) for task in tasks],
+                                               class_mask, config, device)
         return evaluations
 
     # Data order comes from this generator alone; the global RNG (dropout, say) is seeded too.
@@ -546,12 +594,12 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
         strategy.before_run(model, stream, config.seed)
 
         if resume is None:
-            progress = Progress((MAIN, *variants), listener, device=device)
+            progress = Progress(views, listener, device=device)
             before = evaluate_views(after_task_evaluation(stream, config.eval_on, 0, False))
             progress.lap("eval")
             progress.record_initial(before)
         else:
-            progress = restore(resume, model, strategy, (MAIN, *variants), listener,
+            progress = restore(resume, model, strategy, views, listener,
                                order_generator, device)
             log.info("resuming after task %d of %d", progress.state["next_phase"], len(phases))
         resumed_from = progress.state["next_phase"] if resume is not None else None
@@ -591,6 +639,9 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                             f"{divergence_cause(batch.x, logits, terms)}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if strategy.adjusts_gradients:
+                        set_gradients(model, strategy.adjust_gradients(
+                            model, batch, task, gradients_of(model)))
                     optimizer.step()
                     strategy.after_step(model, batch, logits.detach(), task)
 

@@ -1,4 +1,5 @@
-"""Seeded stratified subsets: the per-task caps on train and test rows (`--train-per-task`).
+"""Seeded stratified subsets: the per-task caps on train and test rows (`--train-per-task`),
+and the validation rows held out of each task's training rows (`--val-fraction`).
 
 A cap keeps each class's share of the rows (largest remainders get the spare slots), draws the
 rows of every class from one generator seeded per task and split, and keeps the chosen rows in
@@ -7,12 +8,15 @@ their original order: a capped split is a plain subset of the full one, the same
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from cl.types import Split, Stream, Task, take
+from cl.errors import UsageError
+from cl.types import Split, Stream, take
 
-SPLIT_KEYS = {"train": 0, "test": 1}
+SPLIT_KEYS = {"train": 0, "test": 1, "validation": 2}
 
 
 def class_quotas(counts: np.ndarray, cap: int) -> np.ndarray:
@@ -64,8 +68,34 @@ def cap_stream(stream: Stream, train_per_task: int | None, test_per_task: int | 
     already within its cap is kept as it is, so capping twice changes nothing."""
     if train_per_task is None and test_per_task is None:
         return stream
-    tasks = tuple(Task(task.name, task.index,
-                       cap_split(task.train, train_per_task, cap_seed(seed, task.index, "train")),
-                       cap_split(task.test, test_per_task, cap_seed(seed, task.index, "test")),
-                       task.classes) for task in stream.tasks)
+    tasks = tuple(dataclasses.replace(
+        task, train=cap_split(task.train, train_per_task, cap_seed(seed, task.index, "train")),
+        test=cap_split(task.test, test_per_task, cap_seed(seed, task.index, "test")))
+        for task in stream.tasks)
     return Stream(stream.name, tasks, stream.scenario, stream.num_classes, stream.input_shape)
+
+
+def hold_out(stream: Stream, fraction: float, seed: int) -> Stream:
+    """`stream` with `fraction` of each task's training rows moved to its validation split:
+    class-stratified, seeded per task (apart from the caps' draws), both parts in their
+    original order. The held-out rows are copied; a transformed split keeps its transform."""
+    if not fraction:
+        return stream
+    tasks = []
+    for task in stream.tasks:
+        rows = len(task.train)
+        held = round(rows * fraction)
+        if not 0 < held < rows:
+            raise UsageError(f"--val-fraction {fraction} holds out {held} of task "
+                             f"{task.index}'s {rows} training rows: it must leave at least one "
+                             "row on each side")
+        chosen = stratified_indices(task.train.y.numpy(), held,
+                                    cap_seed(seed, task.index, "validation"))
+        keep = np.ones(rows, dtype=bool)
+        keep[chosen] = False
+        parts = [torch.from_numpy(index) for index in (np.flatnonzero(keep), chosen)]
+        train, validation = (Split(take(task.train.x, index), task.train.y[index],
+                                   task.train.transform) for index in parts)
+        tasks.append(dataclasses.replace(task, train=train, validation=validation))
+    return Stream(stream.name, tuple(tasks), stream.scenario, stream.num_classes,
+                  stream.input_shape)

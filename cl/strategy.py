@@ -5,8 +5,9 @@ strategy never sees the runner, the optimizer or another strategy. The runner ca
 
     check(model, stream, joint)          (also called by `build`, before anything is written)
     before_run(model, stream, seed)
-    per task:  before_task -> param_groups -> [per step: transform_batch -> loss_terms ->
-               (backward, optimizer step) -> after_step] -> after_task
+    per task:  before_task -> param_groups -> [per step: transform_batch -> cross_entropy_mask
+               -> loss_terms -> (backward) -> adjust_gradients -> (optimizer step) -> after_step]
+               -> after_task
     per evaluated task: eval_context(model, task) around the forward passes
     after each task, per extra matrix a strategy asks for: eval_variant(name) around a full
                evaluation (EMA's `eval_with=both` records the live weights' matrix this way)
@@ -48,6 +49,9 @@ class Strategy:
     # adapters): a strategy that takes stock of the model's parameters in its own `before_task`
     # (EMA's shadow) must come after it in a Chain, and says so in `check_composition`.
     adds_modules: ClassVar[bool] = False
+    # True for a strategy that overrides `adjust_gradients`: the runner gathers the gradients
+    # into a dict each step only when some strategy of the run asks for them.
+    adjusts_gradients: ClassVar[bool] = False
 
     def check_composition(self, chain: tuple[Strategy, ...]) -> None:
         """Raise ValueError if the strategies of `chain` (which holds this one) contradict it."""
@@ -71,6 +75,14 @@ class Strategy:
         """Return the batch to train on, e.g. with replayed rows appended."""
         return batch
 
+    def cross_entropy_mask(self, batch: Batch, task: Task) -> Tensor | None:
+        """Which logits the training cross-entropy sees, per row: a boolean [rows, classes] mask
+        (ER-ACE: the incoming rows over the classes present), or None for all of them.
+
+        It must keep every row's own label. In the task scenario the runner also masks each row to
+        its task's classes; loss terms and `after_step` still see the raw logits."""
+        return None
+
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:
         """Extra loss terms, already weighted; they are added to the cross-entropy.
@@ -78,6 +90,13 @@ class Strategy:
         `logits` are the model's raw outputs on `batch` (never masked, even in the task scenario,
         where only the cross-entropy sees masked logits)."""
         return {}
+
+    def adjust_gradients(self, model: nn.Module, batch: Batch, task: Task,
+                         gradients: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Between backward and the optimizer step: the gradients the step is to apply, by
+        parameter name (those with a gradient), as new tensors, never the given ones changed in
+        place (A-GEM's projection, SI's clipping). Called only if `adjusts_gradients` is True."""
+        return gradients
 
     def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
         """After each optimizer step: EMA update, buffer insertion. `logits` are the raw outputs
@@ -126,8 +145,9 @@ def after_module_changes(strategy: Strategy, chain: tuple[Strategy, ...], why: s
 class Chain(Strategy):
     """Several strategies as one: hooks run in the order written, like `optax.chain`.
 
-    Batches and parameter groups thread through the strategies in order; loss terms are merged
-    under `name/key`; evaluation contexts nest, the first outermost; state is keyed by name.
+    Batches, parameter groups and gradients thread through the strategies in order; cross-entropy
+    masks combine (a logit is seen only if every mask keeps it); loss terms are merged under
+    `name/key`; evaluation contexts nest, the first outermost; state is keyed by name.
     """
 
     name: ClassVar[str] = "chain"
@@ -140,6 +160,7 @@ class Chain(Strategy):
         self.strategies = tuple(strategies)
         for strategy in self.strategies:
             strategy.check_composition(self.strategies)
+        self.adjusts_gradients = any(strategy.adjusts_gradients for strategy in self.strategies)
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(repr(strategy) for strategy in self.strategies)})"
@@ -166,6 +187,14 @@ class Chain(Strategy):
             batch = strategy.transform_batch(batch, task)
         return batch
 
+    def cross_entropy_mask(self, batch: Batch, task: Task) -> Tensor | None:
+        combined = None
+        for strategy in self.strategies:
+            mask = strategy.cross_entropy_mask(batch, task)
+            if mask is not None:
+                combined = mask if combined is None else combined & mask
+        return combined
+
     def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
                    task: Task) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
@@ -173,6 +202,13 @@ class Chain(Strategy):
             for key, value in strategy.loss_terms(model, batch, logits, task).items():
                 terms[f"{strategy.name}/{key}"] = value
         return terms
+
+    def adjust_gradients(self, model: nn.Module, batch: Batch, task: Task,
+                         gradients: dict[str, Tensor]) -> dict[str, Tensor]:
+        for strategy in self.strategies:
+            if strategy.adjusts_gradients:
+                gradients = strategy.adjust_gradients(model, batch, task, gradients)
+        return gradients
 
     def after_step(self, model: nn.Module, batch: Batch, logits: Tensor, task: Task) -> None:
         for strategy in self.strategies:

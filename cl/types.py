@@ -141,6 +141,8 @@ class Task:
     train: Split
     test: Split
     classes: tuple[int, ...]
+    # Rows held out of `train` to choose settings on (`--val-fraction`); None: none held out.
+    validation: Split | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -148,7 +150,9 @@ class Task:
         if not is_index(self.index) or self.index < 0:
             raise ValueError(f"task {self.name!r}: index must be a non-negative integer, "
                              f"got {self.index!r}")
-        for split in ("train", "test"):
+        for split in ("train", "test", "validation"):
+            if split == "validation" and self.validation is None:
+                continue
             if not isinstance(getattr(self, split), Split):
                 raise TypeError(f"task {self.name!r}: {split} must be a cl.types.Split, "
                                 f"got {type(getattr(self, split)).__name__}")
@@ -345,6 +349,7 @@ HOOK_ARGUMENTS: dict[str, tuple[type, str]] = {
     "batch": (Batch, "a cl.types.Batch (Batch.of(x, y, task) wraps a minibatch)"),
     "logits": (Tensor, "a tensor of the model's outputs"),
     "seed": (Integral, "an integer"),
+    "gradients": (dict, "a dict of gradient tensors by parameter name (name -> parameter.grad)"),
 }
 
 

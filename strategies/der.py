@@ -24,7 +24,13 @@ from cl.models import device_of, logits_of
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task, check_hook_arguments
 from strategies.distill import logit_mse
-from strategies.replay import Buffer, check_buffer_settings, fresh_rows
+from strategies.replay import (
+    Buffer,
+    buffer_report,
+    check_buffer_settings,
+    check_started,
+    fresh_rows,
+)
 
 # replay's policies, spelled here so that `cl list` reads them from this file's source.
 Policy = Literal["reservoir", "class_balanced"]
@@ -121,15 +127,10 @@ class DER(Strategy):
         self.buffer.insert(x, y, task_ids, row_logits)
 
     def _check_started(self, hook: str) -> None:
-        if self.buffer is None:
-            raise RuntimeError(f"{self.name}.{hook}: call before_run(model, stream, seed) "
-                               "first; it creates the buffer")
+        check_started(self.buffer, f"{self.name}.{hook}")
 
     def report(self) -> dict[str, Any]:
-        if self.buffer is None:
-            return {}
-        return {"buffer_bytes": int(self.buffer.nbytes), "buffer_rows": len(self.buffer),
-                "seen": int(self.buffer.seen)}
+        return buffer_report(self.buffer)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.buffer is None else {"buffer": self.buffer.state_dict()}

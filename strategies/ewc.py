@@ -90,8 +90,9 @@ def fisher_diagonal(model: nn.Module, split: Split, allowed: Tensor | None,
 
 
 class EWC(Strategy):
-    """Online elastic weight consolidation: a quadratic pull toward the last task's weights,
-    each weight by its (decayed, accumulated) Fisher information."""
+    """Online elastic weight consolidation: a pull toward the last task's weights, by Fisher.
+
+    Each weight is held by its (decayed, accumulated) Fisher information."""
 
     name: ClassVar[str] = "ewc"
     config_class: ClassVar[type] = EWCConfig

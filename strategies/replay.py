@@ -54,6 +54,21 @@ def fresh_rows(batch: Batch, logits: Tensor, known_fresh: int | None = None
     return take(batch.x, index), batch.y[index], batch.task[index], logits[index]
 
 
+def check_started(buffer: Buffer | None, where: str) -> None:
+    """The RuntimeError of a buffer strategy's hook `where` called before `before_run`."""
+    if buffer is None:
+        raise RuntimeError(f"{where}: call before_run(model, stream, seed) first; it creates "
+                           "the buffer")
+
+
+def buffer_report(buffer: Buffer | None) -> dict[str, Any]:
+    """A buffer's figures for metrics.json (none before `before_run`)."""
+    if buffer is None:
+        return {}
+    return {"buffer_bytes": int(buffer.nbytes), "buffer_rows": len(buffer),
+            "seen": int(buffer.seen)}
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     """Settings of `replay:key=value,...`.
@@ -502,15 +517,12 @@ class Replay(Strategy):
                 self.buffer.insert(x, train.y[index], task.index, logits)
 
     def _check_started(self, hook: str) -> None:
-        if self.buffer is None:
-            raise RuntimeError(f"replay.{hook}: call before_run(model, stream, seed) first; "
-                               "it creates the buffer")
+        check_started(self.buffer, f"replay.{hook}")
 
     def report(self) -> dict[str, Any]:
         if self.buffer is None:
             return {}
-        return {"buffer_bytes": int(self.buffer.nbytes), "buffer_rows": len(self.buffer),
-                "seen": int(self.buffer.seen), "class_counts": self.buffer.class_counts()}
+        return {**buffer_report(self.buffer), "class_counts": self.buffer.class_counts()}
 
     def state_dict(self) -> dict[str, Any]:
         if self.buffer is None:

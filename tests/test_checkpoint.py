@@ -22,15 +22,20 @@ from cl.models import build_mlp
 from cl.runner import TrainConfig, run
 from cl.strategy import Chain, Strategy
 from strategies import (
+    AGEM,
     DER,
     DERPP,
     EMA,
+    ERACE,
     EWC,
+    SI,
+    AGEMConfig,
     DERConfig,
     DERPPConfig,
     Distill,
     DistillConfig,
     EMAConfig,
+    ERACEConfig,
     EWCConfig,
     Freeze,
     FreezeConfig,
@@ -38,6 +43,7 @@ from strategies import (
     LoRAConfig,
     Replay,
     ReplayConfig,
+    SIConfig,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -59,6 +65,10 @@ CASES = {
     "ewc": ("task", lambda: [EWC(EWCConfig(strength=5.0, gamma=0.9))]),
     "derpp": ("task", lambda: [DERPP(DERPPConfig(capacity=12, alpha=0.5, beta=0.5,
                                                  batch_size=3))]),
+    "er_ace": ("class", lambda: [ERACE(ERACEConfig(capacity=12, alpha=0.5, batch_size=3))]),
+    "agem": ("task", lambda: [AGEM(AGEMConfig(capacity=12, batch_size=3))]),
+    "agem reservoir": ("class", lambda: [AGEM(AGEMConfig(capacity=12, memory="reservoir"))]),
+    "si": ("class", lambda: [SI(SIConfig(strength=2.0, damping=0.5, clip_value=0.5))]),
     "replay+distill+ema": ("class", lambda: [
         Replay(ReplayConfig(capacity=10)), Distill(DistillConfig()), EMA(EMAConfig(decay=0.8))]),
 }

@@ -20,6 +20,8 @@ from cl.strategy import Chain, Strategy
 class Recorder(Strategy):
     """Records every hook call as (strategy name, hook, task index)."""
 
+    adjusts_gradients = True  # so that the runner calls adjust_gradients
+
     def __init__(self, name: str, calls: list) -> None:
         self.name = name
         self.calls = calls
@@ -38,9 +40,19 @@ class Recorder(Strategy):
         self.calls.append((self.name, "transform_batch", task.index))
         return batch
 
+    def cross_entropy_mask(self, batch, task):
+        self.calls.append((self.name, "cross_entropy_mask", task.index))
+        return None
+
     def loss_terms(self, model, batch, logits, task):
         self.calls.append((self.name, "loss_terms", task.index))
         return {"zero": logits.sum() * 0.0}
+
+    def adjust_gradients(self, model, batch, task, gradients):
+        # Between backward (every parameter has its gradient) and the step (not yet taken).
+        assert set(gradients) == {name for name, _ in model.named_parameters()}
+        self.calls.append((self.name, "adjust_gradients", task.index))
+        return gradients
 
     def after_step(self, model, batch, logits, task):
         self.calls.append((self.name, "after_step", task.index))
@@ -67,7 +79,8 @@ def test_exact_hook_order():
     run(model, stream, Recorder("rec", calls), config)
     hooks = [(hook, task) for _, hook, task in calls]
     evaluate_all = [("eval_enter", 0), ("eval_exit", 0), ("eval_enter", 1), ("eval_exit", 1)]
-    step = lambda t: [("transform_batch", t), ("loss_terms", t), ("after_step", t)]  # noqa: E731
+    step = lambda t: [("transform_batch", t), ("cross_entropy_mask", t),  # noqa: E731
+                      ("loss_terms", t), ("adjust_gradients", t), ("after_step", t)]
     expected = [("before_run", None), *evaluate_all]
     for t in (0, 1):
         expected += [("before_task", t), ("param_groups", None), *step(t), *step(t),
@@ -83,10 +96,10 @@ def test_chain_runs_hooks_in_written_order_and_nests_eval_contexts():
     assert calls[:3] == [("a", "before_run", None), ("b", "before_run", None),
                          ("a", "eval_enter", 0)]
     assert calls[3:6] == [("b", "eval_enter", 0), ("b", "eval_exit", 0), ("a", "eval_exit", 0)]
-    first_step = [c for c in calls if c[1] in ("transform_batch", "loss_terms", "after_step")][:6]
-    assert first_step == [("a", "transform_batch", 0), ("b", "transform_batch", 0),
-                          ("a", "loss_terms", 0), ("b", "loss_terms", 0),
-                          ("a", "after_step", 0), ("b", "after_step", 0)]
+    per_step = ("transform_batch", "cross_entropy_mask", "loss_terms", "adjust_gradients",
+                "after_step")
+    first_step = [c for c in calls if c[1] in per_step][:10]
+    assert first_step == [(name, hook, 0) for hook in per_step for name in ("a", "b")]
 
 
 def test_chain_merges_loss_terms_under_names_and_rejects_duplicates():
@@ -421,3 +434,66 @@ def test_replay_keeps_float32_targets_under_bf16():
         TrainConfig(batch_size=4, epochs=1, lr=0.1, precision="bf16"))
     assert replay.buffer.logits.dtype == torch.float32
     assert torch.isfinite(replay.buffer.logits[:len(replay.buffer)]).all()
+
+
+class Mask(Strategy):
+    """Lets the cross-entropy see only the classes in `allowed` (every row alike)."""
+
+    name = "mask"
+
+    def __init__(self, allowed: list[int], num_classes: int) -> None:
+        self.allowed = torch.zeros(num_classes, dtype=torch.bool)
+        self.allowed[allowed] = True
+
+    def cross_entropy_mask(self, batch, task):
+        return self.allowed.expand(len(batch), -1)
+
+
+class Halve(Strategy):
+    """Halves every gradient before the step."""
+
+    name = "halve"
+    adjusts_gradients = True
+
+    def adjust_gradients(self, model, batch, task, gradients):
+        return {name: gradient / 2 for name, gradient in gradients.items()}
+
+
+def test_a_cross_entropy_mask_trains_like_the_masked_loss_by_hand():
+    """Masking the logits in the runner is training on masked logits: the task scenario's
+    masking of a class stream, written by hand, gives the same weights."""
+    stream, _, config = two_by_two()
+    masked, by_task = tiny_model(stream), tiny_model(stream)
+    classes = list(stream.tasks[0].classes) + list(stream.tasks[1].classes)
+    # Every class allowed by the mask: the same as no mask at all, bit for bit.
+    run(masked, stream, Mask(classes, stream.num_classes), config)
+    run(by_task, stream, Strategy(), config)
+    for p, q in zip(masked.parameters(), by_task.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # Only task 0's classes: task 1's rows (labels outside the mask) give an infinite loss.
+    with pytest.raises(DivergenceError, match="on task 1"):
+        run(tiny_model(stream), stream, Mask(list(stream.tasks[0].classes),
+                                             stream.num_classes), config)
+
+
+def test_adjusted_gradients_are_what_the_optimizer_applies():
+    """Halving the gradients under plain SGD is halving the learning rate."""
+    stream, _, config = two_by_two()
+    halved, slower = tiny_model(stream), tiny_model(stream)
+    run(halved, stream, Halve(), config)
+    run(slower, stream, Strategy(), TrainConfig(batch_size=2, epochs=1, lr=0.05))
+    for p, q in zip(halved.parameters(), slower.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-7)
+
+
+def test_adjusted_gradients_must_name_every_parameter_with_a_gradient():
+    class Drops(Strategy):
+        name = "drops"
+        adjusts_gradients = True
+
+        def adjust_gradients(self, model, batch, task, gradients):
+            return dict(list(gradients.items())[1:])
+
+    stream, model, config = two_by_two()
+    with pytest.raises(ValueError, match="returned no gradient for"):
+        run(model, stream, Drops(), config)
