@@ -11,8 +11,15 @@ from helpers import blob_stream, tiny_model
 from test_cli import FAST, cl
 
 from cl.runner import TrainConfig, run
+from cl.types import Split
 from strategies import EWC, EWCConfig
-from strategies.ewc import ewc_penalty, fisher_diagonal
+from strategies.ewc import (
+    ewc_penalty,
+    fisher_diagonal,
+    linear_fisher,
+    linear_layers,
+    per_row_fisher,
+)
 
 
 def fisher_by_hand(model, split, allowed=None):
@@ -26,14 +33,25 @@ def fisher_by_hand(model, split, allowed=None):
         log_p = F.log_softmax(logits, 1)[0, split.y[row]]
         log_p.backward()
         for name, p in model.named_parameters():
-            total[name] += log_p.exp().detach() * p.grad ** 2
+            if p.grad is not None:  # frozen: no gradient, and no Fisher either
+                total[name] += log_p.exp().detach() * p.grad ** 2
     return {name: value / len(split) for name, value in total.items()}
 
 
+def normed_model(stream):
+    """A model with a trainable parameter outside linear layers (LayerNorm's): the per-row
+    path."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(stream.input_shape[0], 16), torch.nn.LayerNorm(16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, stream.num_classes))
+
+
 @pytest.mark.parametrize("scenario, chunk", [("class", 3), ("task", 100)])
-def test_the_fisher_is_the_weighted_squared_gradient_of_each_row(scenario, chunk):
+@pytest.mark.parametrize("make, path", [(tiny_model, "linear"), (normed_model, "per row")])
+def test_the_fisher_is_the_weighted_squared_gradient_of_each_row(scenario, chunk, make, path):
     stream = blob_stream(num_tasks=2, scenario=scenario)
-    model = tiny_model(stream)
+    model = make(stream)
+    assert (linear_layers(model) is not None) == (path == "linear")
     task = stream.tasks[1]
     allowed = stream.class_mask()[1] if scenario == "task" else None
     fisher = fisher_diagonal(model, task.train, allowed, chunk)
@@ -41,6 +59,34 @@ def test_the_fisher_is_the_weighted_squared_gradient_of_each_row(scenario, chunk
     assert set(fisher) == set(expected)
     assert all(torch.allclose(fisher[name], expected[name], atol=1e-7) for name in fisher)
     assert all((value >= 0).all() for value in fisher.values())
+    if path == "linear":  # both paths give the same Fisher
+        per_row = per_row_fisher(model, task.train, allowed, chunk)
+        assert all(torch.allclose(fisher[name], per_row[name], atol=1e-7) for name in fisher)
+
+
+def test_the_linear_path_leaves_frozen_layers_out_and_falls_back_for_a_reused_layer():
+    stream = blob_stream(num_tasks=2)
+    model = tiny_model(stream)
+    model[0].requires_grad_(False)
+    fisher = fisher_diagonal(model, stream.tasks[0].train, None, 5)
+    assert sorted(fisher) == ["2.bias", "2.weight"]
+    expected = fisher_by_hand(model, stream.tasks[0].train)
+    assert all(torch.allclose(fisher[name], expected[name], atol=1e-7) for name in fisher)
+
+    class Twice(torch.nn.Module):  # one linear layer applied twice: per-row squares differ
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.layer(torch.relu(self.layer(x)))
+
+    twice = Twice()
+    rows = Split(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert linear_fisher(twice, linear_layers(twice), rows, None, 4) is None
+    fisher = fisher_diagonal(twice, rows, None, 4)
+    expected = fisher_by_hand(twice, rows)
+    assert all(torch.allclose(fisher[name], expected[name], atol=1e-7) for name in fisher)
 
 
 def test_the_penalty_is_zero_at_the_anchor_and_the_weighted_squared_distance_elsewhere():
