@@ -159,28 +159,33 @@ TARGETS = {("seq-mnist", "500"): 93.0, ("seq-mnist", "200"): 91.0,
 
 
 def compositions(benchmark: str) -> dict[tuple[str, str], list[Method]]:
-    """(family, buffer) -> candidates. Seq-MNIST only for now (the class-IL targets)."""
-    if benchmark != "seq-mnist":
-        return {}
+    """(family, buffer) -> candidates: Seq-MNIST at both buffers (its class-IL targets are at
+    200 and 500), the domain-IL benchmarks at 500 (their targets)."""
     reference = reference_methods(benchmark)
+    seq = benchmark == "seq-mnist"
     families: dict[tuple[str, str], list[Method]] = {}
-    for buffer in ("200", "500"):
+    for buffer in ("200", "500") if seq else ("500",):
         derpp, replay = reference["derpp", buffer], reference["replay", buffer]
         ace = reference["er_ace", buffer]
         families["derpp+ema", buffer] = [
             Method(derpp.lr, (*derpp.strategy, f"ema:decay={decay}"), val_fraction=VAL_FRACTION)
             for decay in EMA_DECAYS]
-        # ER-ACE with stored logits (alpha: the squared error toward them, on its own draw).
-        families["er_ace+ema", buffer] = [
-            Method(ace.lr, (f"{ace.strategy[0]},alpha={alpha}", f"ema:decay={decay}"),
-                   val_fraction=VAL_FRACTION)
-            for alpha in (0.3, 1.0) for decay in EMA_DECAYS]
-        # ER whose replayed rows also match the logits stored with them (KL, T = 2), and EMA.
+        # ER whose replayed rows also match the logits stored with them (KL, T = 2), and EMA;
+        # the learning rate is chosen too, from the reference ER's and two larger ones.
+        rates = sorted({replay.lr, 0.03, 0.1}) if seq else (replay.lr,)
         families["replay+distill+ema", buffer] = [
-            Method(replay.lr, (f"{replay.strategy[0]},store_logits=true",
-                               "distill:targets=buffer,alpha=1,temperature=2",
-                               f"ema:decay={decay}"), val_fraction=VAL_FRACTION)
-            for decay in EMA_DECAYS]
+            Method(lr, (f"{replay.strategy[0]},store_logits=true",
+                        "distill:targets=buffer,alpha=1,temperature=2", f"ema:decay={decay}"),
+                   val_fraction=VAL_FRACTION)
+            for lr in rates for decay in EMA_DECAYS]
+        if seq:
+            families["er_ace+ema", buffer] = [
+                Method(ace.lr, (ace.strategy[0], f"ema:decay={decay}"),
+                       val_fraction=VAL_FRACTION) for decay in EMA_DECAYS]
+            # ER-ACE with stored logits (alpha: the squared error toward them, on its draw).
+            families["er_ace+stored logits+ema", buffer] = [
+                Method(ace.lr, (f"{ace.strategy[0]},alpha={alpha}", "ema:decay=0.995"),
+                       val_fraction=VAL_FRACTION) for alpha in (0.1, 0.3)]
     return families
 
 
@@ -285,17 +290,18 @@ def main() -> None:
     done = {(r["benchmark"], r["method"], r["buffer"], r["seed"], r["key"])
             for r in load_rows(runs_path)}
     jobs = []
-    for benchmark in benchmarks:
-        candidates = [(name, buffer, method)
-                      for (name, buffer), method in reference_methods(benchmark).items()]
-        candidates += [(name, buffer, method) for (name, buffer), family
-                       in compositions(benchmark).items() for method in family]
-        for name, buffer, method in candidates:
-            if wanted is not None and name not in wanted:
-                continue
-            for seed in range(args.seeds):
-                if (benchmark, name, buffer, seed, method_key(method)) not in done:
-                    jobs.append((benchmark, name, buffer, method, seed, args.data))
+    # Every benchmark's reference rows first, then the compositions.
+    candidates = [(benchmark, name, buffer, method) for benchmark in benchmarks
+                  for (name, buffer), method in reference_methods(benchmark).items()]
+    candidates += [(benchmark, name, buffer, method) for benchmark in benchmarks
+                   for (name, buffer), family in compositions(benchmark).items()
+                   for method in family]
+    for benchmark, name, buffer, method in candidates:
+        if wanted is not None and name not in wanted:
+            continue
+        for seed in range(args.seeds):
+            if (benchmark, name, buffer, seed, method_key(method)) not in done:
+                jobs.append((benchmark, name, buffer, method, seed, args.data))
     print(f"{len(jobs)} runs to do", file=sys.stderr)
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool:

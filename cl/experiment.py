@@ -354,7 +354,8 @@ def build(config: RunConfig) -> Built:
 
 # The settings that decide the stream and the model; the rest only change how they train.
 DATA_KEYS = ("tasks", "scenario", "num_tasks", "classes_per_task", "class_order", "data",
-             "train_per_task", "test_per_task", "model", "hidden", "init", "seed")
+             "train_per_task", "test_per_task", "val_fraction", "model", "hidden", "init",
+             "seed")
 
 
 def check_configs(configs: list[RunConfig], wheres: list[str]) -> None:

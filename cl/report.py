@@ -688,11 +688,28 @@ def _html_table(header: list[str], cells: list[list[str]]) -> str:
 SELECT_ON = ("none", "val")
 
 
+# The settings that make runs comparable at all: a selection never lets runs of different data,
+# streams or models compete (cl.experiment.DATA_KEYS without the seed; a test checks).
+COMPARABLE_KEYS = ("tasks", "scenario", "num_tasks", "classes_per_task", "class_order", "data",
+                   "train_per_task", "test_per_task", "val_fraction", "model", "hidden", "init")
+
+
 def method_of(config: dict[str, Any]) -> str:
-    """What `--select-on` chooses among: the strategies' names in their order, their settings
-    left out (a joint run apart), so that `ema:decay=0.99` and `ema:decay=0.999` compete."""
-    names = [spec.partition(":")[0] for spec in config.get("strategy") or []]
+    """What `--select-on` chooses among: the strategies' names in their order with their
+    settings left out, but for a buffer's `capacity` (a memory budget, not a setting to tune),
+    and a joint run apart; so `ema:decay=0.99` and `ema:decay=0.999` compete, as do two
+    learning rates."""
+    names = []
+    for spec in config.get("strategy") or []:
+        name, _, settings = spec.partition(":")
+        capacity = [item for item in settings.split(",") if item.startswith("capacity=")]
+        names.append(f"{name}({capacity[0]})" if capacity else name)
     return ("joint " if config.get("joint") else "") + (" + ".join(names) or "naive")
+
+
+def selection_key(config: dict[str, Any]) -> str:
+    """The method and the settings that must match for two configurations to compete."""
+    return json.dumps([method_of(config), *(config.get(key) for key in COMPARABLE_KEYS)])
 
 
 @dataclass(frozen=True)
@@ -719,16 +736,18 @@ def validation_acc(group: Group) -> float:
 
 
 def select_on_validation(groups: Sequence[Group]) -> tuple[list[Group], list[Selection]]:
-    """Per method (`method_of`), the group with the best mean validation ACC (the first one
-    on a tie): the groups kept, in their order, and what was chosen among what."""
+    """Per method (`method_of`) on the same data and model (`COMPARABLE_KEYS`), the group with
+    the best mean validation ACC (the first one on a tie): the groups kept, in their order, and
+    what was chosen among what."""
     by_method: dict[str, list[tuple[Group, float]]] = {}
     for group in groups:
-        by_method.setdefault(method_of(group.config), []).append((group, validation_acc(group)))
+        by_method.setdefault(selection_key(group.config), []).append(
+            (group, validation_acc(group)))
     selections, kept = [], set()
-    for method, scored in by_method.items():
+    for scored in by_method.values():
         best, score = max(scored, key=lambda pair: pair[1])  # max keeps the first of equals
         kept.add(id(best))
-        selections.append(Selection(method, best.name, score,
+        selections.append(Selection(method_of(best.config), best.name, score,
                                      tuple((group.name, value) for group, value in scored)))
     return [group for group in groups if id(group) in kept], selections
 

@@ -340,16 +340,18 @@ def validation_task(task: Task) -> Task:
 
 
 def gradients_of(model: nn.Module) -> dict[str, Tensor]:
-    """The model's gradients by parameter name, for the parameters that have one."""
+    """The model's gradients by parameter name, for the trainable parameters that have one
+    (a parameter frozen after it trained keeps its last gradient: the optimizer that clears
+    gradients no longer holds it)."""
     return {name: parameter.grad for name, parameter in model.named_parameters()
-            if parameter.grad is not None}
+            if parameter.requires_grad and parameter.grad is not None}
 
 
 def set_gradients(model: nn.Module, gradients: dict[str, Tensor]) -> None:
     """Give the parameters the gradients `adjust_gradients` returned: the same names as
     `gradients_of` gave, each tensor of its parameter's shape."""
     parameters = dict(model.named_parameters())
-    expected = {name for name, parameter in parameters.items() if parameter.grad is not None}
+    expected = set(gradients_of(model))
     if missing := sorted(expected - set(gradients)):
         raise ValueError(f"adjust_gradients returned no gradient for {missing[0]}")
     if extra := sorted(set(gradients) - expected):
@@ -640,8 +642,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if strategy.adjusts_gradients:
-                        set_gradients(model, strategy.adjust_gradients(
-                            model, batch, task, gradients_of(model)))
+                        with autocast(config.precision, device):  # A-GEM's memory pass
+                            adjusted = strategy.adjust_gradients(model, batch, task,
+                                                                 gradients_of(model))
+                        set_gradients(model, adjusted)
                     optimizer.step()
                     strategy.after_step(model, batch, logits.detach(), task)
 

@@ -6,9 +6,13 @@ rows get a cross-entropy of their own over every class.
 
 As the reference code does (aimagelab/mammoth, models/er_ace.py): the buffer is a reservoir of
 incoming rows; each step forwards one buffer draw of its own and adds its mean cross-entropy,
-unweighted, to the incoming rows' mean; "not seen yet" is every class from the highest class id
-seen so far up. `alpha` > 0 also keeps each row's logits and pulls the draw's logits toward them
-(DER's squared error on the same draw): ER-ACE with stored logits, as DER++ is ER with them.
+unweighted, to the incoming rows' mean. The reference takes "not seen yet" as every class from
+the highest class id seen so far up, which in natural class order is the unseen classes plus the
+highest seen one; here it is the classes no incoming row has had, which stays right when class
+ids do not rise task by task (`--class-order shuffle`).
+
+`alpha` > 0 also keeps each row's logits and pulls the draw's logits toward them (DER's squared
+error on the same draw): ER-ACE with stored logits, as DER++ is ER with them.
 """
 
 from __future__ import annotations
@@ -54,14 +58,19 @@ class ERACEConfig:
             raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}")
 
 
-def asymmetric_mask(labels: Tensor, seen: Tensor) -> Tensor:
-    """The classes the incoming rows are scored over: those among `labels` (the incoming batch)
-    and every class from the highest one in `seen` (bool, classes; these labels included) up.
-    Returned as one [classes] boolean row, the same for every incoming row."""
-    present = torch.zeros_like(seen).index_fill_(0, labels, True)
-    ids = torch.arange(len(seen), device=seen.device)
-    highest = torch.where(seen, ids, -1).max()  # a tensor: no wait for the device
-    return present | (ids >= highest)
+def present_classes(labels: Tensor, fresh: Tensor | None, num_classes: int) -> Tensor:
+    """bool [classes]: the labels of the incoming rows (`fresh`; None: every row), found
+    without boolean indexing (no wait for the device)."""
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
+    rows = torch.ones_like(labels) if fresh is None else fresh.to(torch.int64)
+    return counts.index_put_((labels,), rows, accumulate=True) > 0
+
+
+def asymmetric_mask(present: Tensor, seen: Tensor) -> Tensor:
+    """The classes the incoming rows are scored over: those present in the incoming batch and
+    those not seen yet (`seen`: every class of an incoming row so far, these included), as one
+    [classes] boolean row, the same for every incoming row."""
+    return present | ~seen
 
 
 class ERACE(Strategy):
@@ -99,11 +108,11 @@ class ERACE(Strategy):
     def cross_entropy_mask(self, batch: Batch, task: Task) -> Tensor | None:
         self._check_started("cross_entropy_mask")
         fresh = batch.fresh() if batch.replayed is not None else None
-        labels = batch.y if fresh is None else batch.y[fresh]
-        self.seen.index_fill_(0, labels, True)
+        present = present_classes(batch.y, fresh, len(self.seen))
+        self.seen |= present
         if task.index == 0:
             return None  # the first task has no old classes to protect (the reference's rule)
-        allowed = asymmetric_mask(labels, self.seen).unsqueeze(0).expand(len(batch), -1)
+        allowed = asymmetric_mask(present, self.seen).unsqueeze(0).expand(len(batch), -1)
         if fresh is not None:  # rows another strategy replayed keep every class
             allowed = allowed | ~fresh.unsqueeze(1)
         return allowed

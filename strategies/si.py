@@ -64,10 +64,16 @@ def consolidate(importance: Tensor, path: Tensor, weights: Tensor, anchor: Tenso
 
 def si_penalty(model: nn.Module, importance: dict[str, Tensor], anchor: dict[str, Tensor]
                ) -> Tensor:
-    """sum_i Omega_i (w_i - w*_i)^2 over the weights with an importance: zero at the anchor."""
+    """sum_i Omega_i (w_i - w*_i)^2 over the weights with an importance: zero at the anchor.
+
+    A weight under another name for now (a layer LoRA wraps during a task, frozen there) is
+    left out."""
     parameters = dict(model.named_parameters())
-    return torch.stack([(importance[name] * (parameters[name] - anchor[name]).pow(2)).sum()
-                        for name in importance]).sum()
+    terms = [(importance[name] * (parameters[name] - anchor[name]).pow(2)).sum()
+             for name in importance if name in parameters]
+    if not terms:
+        return torch.zeros((), device=next(iter(importance.values())).device)
+    return torch.stack(terms).sum()
 
 
 class SI(Strategy):
@@ -145,8 +151,11 @@ class SI(Strategy):
         self._check_started("after_task")
         weights = self._weights(model)
         importance = self.importance or {}
+        # A weight the task renamed (lora:merge folds its adapter back into the layer) has no
+        # path under its new name: it gets no importance for this task.
         self.importance = {name: consolidate(importance.get(name, torch.zeros_like(weight)),
-                                             self.path[name], weight, self.anchor[name],
+                                             self.path.get(name, torch.zeros_like(weight)),
+                                             weight, self.anchor.get(name, weight),
                                              self.config.damping)
                            for name, weight in weights.items()}
         self.anchor = weights

@@ -113,3 +113,19 @@ def test_same_seed_same_matrix_and_the_cli_form(tmp_path, capsys):
               "agem:capacity=50,memory=reservoir", *FAST) == 0
     assert cl("run", "--out", tmp_path / "few", "--strategy", "agem:capacity=3", *FAST) == 2
     assert "capacity 3 is less than the stream's 5 tasks" in capsys.readouterr().err
+
+
+def test_it_composes_with_a_freeze_that_starts_later():
+    """A layer frozen after task 0 keeps its last gradient (no optimizer clears it any more):
+    the projection acts on the trainable parameters only."""
+    from cl.strategy import Chain
+    from strategies import Freeze, FreezeConfig
+
+    stream = blob_stream(num_tasks=3)
+    model = tiny_model(stream)
+    before = model[0].weight.detach().clone()
+    chain = Chain(Freeze(FreezeConfig(patterns=("0.*",), after_task=1)),
+                  AGEM(AGEMConfig(capacity=12)))
+    result = run(model, stream, chain, TrainConfig(batch_size=4, epochs=1, lr=0.1))
+    assert np.isfinite(result.accuracy).all()
+    assert not torch.equal(model[0].weight, before)  # it trained on task 0 ...

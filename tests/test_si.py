@@ -112,3 +112,18 @@ def test_same_seed_same_matrix_and_the_cli_form(tmp_path, capsys):
               "clip_value=1", *FAST) == 0
     assert cl("run", "--out", tmp_path / "bad", "--strategy", "si:damping=0", *FAST) == 2
     assert "damping must be positive" in capsys.readouterr().err
+
+
+def test_it_follows_weights_that_lora_merge_renames():
+    from cl.models import build_mlp
+    from cl.strategy import Chain
+    from strategies import LoRA, LoRAConfig
+
+    stream = blob_stream(num_tasks=3)
+    torch.manual_seed(0)
+    model = build_mlp(stream.input_shape, stream.num_classes, (8, 8))
+    si = SI(SIConfig(strength=1.0))
+    result = run(model, stream, Chain(LoRA(LoRAConfig(rank=2, merge=True)), si),
+                 TrainConfig(batch_size=4, epochs=1, lr=0.1))
+    assert np.isfinite(result.accuracy).all()
+    assert set(si.importance) == {name for name, _ in model.named_parameters()}

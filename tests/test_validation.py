@@ -132,3 +132,19 @@ def test_select_on_val_keeps_per_method_the_best_validation_configuration(tmp_pa
     assert cl("report", str(tmp_path / "runs"), "--out", str(tmp_path / "again"),
               "--select-on", "val") == 2
     assert "plain-seed0 has no validation matrix" in capsys.readouterr().err
+
+
+def test_only_runs_of_the_same_data_model_and_buffer_budget_compete():
+    from cl.experiment import DATA_KEYS
+    from cl.report import COMPARABLE_KEYS, method_of, selection_key
+
+    assert set(COMPARABLE_KEYS) == set(DATA_KEYS) - {"seed"}
+    base = {"tasks": "split-digits", "strategy": ["replay:capacity=200,batch_size=10",
+                                                  "ema:decay=0.99"], "lr": 0.1}
+    assert method_of(base) == "replay(capacity=200) + ema"
+    assert method_of({**base, "joint": True, "strategy": []}) == "joint naive"
+    other_decay = {**base, "strategy": ["replay:capacity=200", "ema:decay=0.999"], "lr": 0.03}
+    assert selection_key(base) == selection_key(other_decay)
+    for changed in ({"strategy": ["replay:capacity=500", "ema:decay=0.99"]},
+                    {"tasks": "split-mnist"}, {"val_fraction": 0.2}, {"hidden": [64]}):
+        assert selection_key({**base, **changed}) != selection_key(base)
