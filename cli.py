@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as stop:
         sys.exit(stop.exit_code)
     except (typer.Abort, KeyboardInterrupt):
+        if threading.current_thread() is threading.main_thread():
+            # Deaf to a second Ctrl-C while the interpreter shuts down: it would interrupt a
+            # finalizer and print a traceback after the one line.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except ClError as error:

@@ -267,8 +267,16 @@ def _process_main(job: Job, threads: int, logs: tuple[str, ...]) -> None:
     try:
         outcome = run_job(job, threads, logs)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: leave quietly
-        sys.exit(130)
-    sys.exit({"done": 0, "skipped": 0, "busy": BUSY_EXIT}.get(outcome["status"], 1))
+        _quiet_exit(130)
+    _quiet_exit({"done": 0, "skipped": 0, "busy": BUSY_EXIT}.get(outcome["status"], 1))
+
+
+def _quiet_exit(code: int) -> None:
+    """Exit with `code`, deaf to Ctrl-C from here on: a Ctrl-C that reached a worker while its
+    interpreter shut down (running its finalizers) printed a traceback, and the run is over
+    either way."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _death(exit_code: int | None) -> str:
