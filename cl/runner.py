@@ -347,11 +347,12 @@ def gradients_of(model: nn.Module) -> dict[str, Tensor]:
             if parameter.requires_grad and parameter.grad is not None}
 
 
-def set_gradients(model: nn.Module, gradients: dict[str, Tensor]) -> None:
-    """Give the parameters the gradients `adjust_gradients` returned: the same names as
-    `gradients_of` gave, each tensor of its parameter's shape."""
+def set_gradients(model: nn.Module, given: dict[str, Tensor],
+                  gradients: dict[str, Tensor]) -> None:
+    """Give the parameters the gradients `adjust_gradients` returned for those it was `given`
+    (by `gradients_of`): the same names, each tensor of its parameter's shape."""
     parameters = dict(model.named_parameters())
-    expected = set(gradients_of(model))
+    expected = set(given)
     if missing := sorted(expected - set(gradients)):
         raise ValueError(f"adjust_gradients returned no gradient for {missing[0]}")
     if extra := sorted(set(gradients) - expected):
@@ -642,10 +643,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if strategy.adjusts_gradients:
+                        given = gradients_of(model)
                         with autocast(config.precision, device):  # A-GEM's memory pass
-                            adjusted = strategy.adjust_gradients(model, batch, task,
-                                                                 gradients_of(model))
-                        set_gradients(model, adjusted)
+                            adjusted = strategy.adjust_gradients(model, batch, task, dict(given))
+                        set_gradients(model, given, adjusted)
                     optimizer.step()
                     strategy.after_step(model, batch, logits.detach(), task)
 

@@ -27,9 +27,11 @@ from cl.types import Batch, Stream, Task, check_hook_arguments
 from strategies.replay import (
     Buffer,
     buffer_report,
+    buffer_state,
     check_buffer_settings,
     check_started,
     fresh_rows,
+    load_buffer_state,
 )
 
 Memory = Literal["per_task", "reservoir"]
@@ -150,12 +152,7 @@ class AGEM(Strategy):
         return buffer_report(self.buffer)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.buffer is None:
-            return {}
-        return {"buffer": self.buffer.state_dict()}
+        return buffer_state(self.buffer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.buffer is None:
-            raise ValueError("load_state_dict needs before_run to have created the memory")
-        if state:
-            self.buffer.load_state_dict(state["buffer"])
+        load_buffer_state(self.buffer, state)

@@ -27,16 +27,18 @@ from strategies.distill import logit_mse
 from strategies.replay import (
     Buffer,
     buffer_report,
+    buffer_state,
     check_buffer_settings,
     check_started,
     fresh_rows,
+    load_buffer_state,
 )
 
 # replay's policies, spelled here so that `cl list` reads them from this file's source.
 Policy = Literal["reservoir", "class_balanced"]
 
 
-def _check_weight(name: str, value: float) -> None:
+def check_weight(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -55,7 +57,7 @@ class DERConfig:
 
     def __post_init__(self) -> None:
         check_buffer_settings(self.capacity, self.policy, self.batch_size)
-        _check_weight("alpha", self.alpha)
+        check_weight("alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,8 @@ class DERPPConfig:
 
     def __post_init__(self) -> None:
         check_buffer_settings(self.capacity, self.policy, self.batch_size)
-        _check_weight("alpha", self.alpha)
-        _check_weight("beta", self.beta)
+        check_weight("alpha", self.alpha)
+        check_weight("beta", self.beta)
 
 
 class DER(Strategy):
@@ -133,13 +135,10 @@ class DER(Strategy):
         return buffer_report(self.buffer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.buffer is None else {"buffer": self.buffer.state_dict()}
+        return buffer_state(self.buffer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.buffer is None:
-            raise ValueError("load_state_dict needs before_run to have created the buffer")
-        if state:
-            self.buffer.load_state_dict(state["buffer"])
+        load_buffer_state(self.buffer, state)
 
 
 class DERPP(DER):

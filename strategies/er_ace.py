@@ -18,7 +18,6 @@ error on the same draw): ER-ACE with stored logits, as DER++ is ER with them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from cl.models import device_of, logits_of
 from cl.strategy import Strategy
 from cl.types import Batch, Stream, Task, check_hook_arguments
+from strategies.der import check_weight
 from strategies.distill import logit_mse
 from strategies.replay import (
     Buffer,
@@ -53,9 +53,7 @@ class ERACEConfig:
 
     def __post_init__(self) -> None:
         check_buffer_settings(self.capacity, self.policy, self.batch_size)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
-                self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}")
+        check_weight("alpha", self.alpha)
 
 
 def present_classes(labels: Tensor, fresh: Tensor | None, num_classes: int) -> Tensor:

@@ -69,6 +69,19 @@ def buffer_report(buffer: Buffer | None) -> dict[str, Any]:
             "seen": int(buffer.seen)}
 
 
+def buffer_state(buffer: Buffer | None) -> dict[str, Any]:
+    """A buffer strategy's checkpoint state: its buffer's (none before `before_run`)."""
+    return {} if buffer is None else {"buffer": buffer.state_dict()}
+
+
+def load_buffer_state(buffer: Buffer | None, state: dict[str, Any]) -> None:
+    """Load what `buffer_state` saved (an empty state: a strategy that had nothing yet)."""
+    if buffer is None:
+        raise ValueError("load_state_dict needs before_run to have created the buffer")
+    if state:
+        buffer.load_state_dict(state["buffer"])
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     """Settings of `replay:key=value,...`.
@@ -525,12 +538,7 @@ class Replay(Strategy):
         return {**buffer_report(self.buffer), "class_counts": self.buffer.class_counts()}
 
     def state_dict(self) -> dict[str, Any]:
-        if self.buffer is None:
-            return {}
-        return {"buffer": self.buffer.state_dict()}
+        return buffer_state(self.buffer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.buffer is None:
-            raise ValueError("load_state_dict needs before_run to have created the buffer")
-        if state:
-            self.buffer.load_state_dict(state["buffer"])
+        load_buffer_state(self.buffer, state)
