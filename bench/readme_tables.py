@@ -69,8 +69,9 @@ def mnist_table() -> str:
             lines.append(f"| `{name}` | {buffer} | "
                          + " | ".join(_mnist_cell(cell) for cell in cells) + f" | {task} |")
     lines += ["", "| composition (chosen on validation) | buffer | benchmark | test ACC "
-              "(mean ± std) | validation ACC | target | candidates |",
-              "|---|---|---|---|---|---|---|"]
+              "(mean ± std), all rows | validation ACC | test ACC, 90% of rows | target | "
+              "candidates |",
+              "|---|---|---|---|---|---|---|---|"]
     for benchmark, title in MNIST_BENCHMARKS:
         for cells in methods[benchmark].values():
             for buffer, cell in cells.items():
@@ -81,7 +82,8 @@ def mnist_table() -> str:
                     f"{target:.1f}: " + ("met" if cell["mean"] >= target else "**missed**"))
                 lines.append(f"| `{' + '.join(cell['strategy'])}` | {buffer} | {title} | "
                              f"{cell['mean']:.2f} ± {cell['std']:.2f} | "
-                             f"{cell['validation_mean']:.2f} | {verdict} | "
+                             f"{cell['validation_mean']:.2f} | "
+                             f"{cell['held_out_run_mean']:.2f} | {verdict} | "
                              f"{len(cell['candidates'])} |")
     return "\n".join(lines)
 

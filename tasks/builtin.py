@@ -104,14 +104,23 @@ def _num_tasks(options: StreamOptions, default: int) -> int:
     return default if options.num_tasks is None else options.num_tasks
 
 
+def _transform_first(stream: str, text: str) -> bool:
+    """`transform_first=true`: task 0 is permuted or rotated too (the DER table's code)."""
+    if text not in ("true", "false"):
+        raise UsageError(f"transform_first for stream {stream!r} must be true or false, "
+                         f"got {text!r}")
+    return text == "true"
+
+
 def _permuted(stream: str, options: StreamOptions, load: Callable[[], Arrays],
               default_tasks: int) -> Stream:
-    _, statistics = _image_settings(stream, options, {})
+    settings, statistics = _image_settings(stream, options, {"transform_first": "false"})
     _refuse_class_split(stream, options)
+    first = _transform_first(stream, settings["transform_first"])
     return _normalize(permuted_stream(stream, *load(),
                                       num_tasks=_num_tasks(options, default_tasks),
-                                      scenario=options.scenario or "domain", seed=options.seed),
-                      statistics)
+                                      scenario=options.scenario or "domain", seed=options.seed,
+                                      transform_first=first), statistics)
 
 
 def _parse_angles(stream: str, text: str) -> list[float] | None:
@@ -130,13 +139,18 @@ def _parse_angles(stream: str, text: str) -> list[float] | None:
 
 def _rotated(stream: str, options: StreamOptions, load: Callable[[], Arrays],
              default_tasks: int) -> Stream:
-    settings, statistics = _image_settings(stream, options, {"angles": ""})
+    settings, statistics = _image_settings(stream, options, {"angles": "",
+                                                             "transform_first": "false"})
     _refuse_class_split(stream, options)
     angles = _parse_angles(stream, settings["angles"])
+    first = _transform_first(stream, settings["transform_first"])
+    if angles is not None and first:
+        raise UsageError(f"stream {stream!r}: angles and transform_first=true both set the "
+                         "first task's angle; give one")
     num_tasks = options.num_tasks if angles is not None else _num_tasks(options, default_tasks)
     return _normalize(rotated_stream(stream, *load(), num_tasks=num_tasks,
                                      scenario=options.scenario or "domain", seed=options.seed,
-                                     angles=angles), statistics)
+                                     angles=angles, transform_first=first), statistics)
 
 
 def split_digits(options: StreamOptions) -> Stream:

@@ -214,8 +214,10 @@ class PermuteFeatures:
 
 
 def permuted_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
-                    num_tasks: int, scenario: str = "domain", seed: int = 0) -> Stream:
-    """Task 0 is the data as given; task t > 0 applies a seeded random permutation of features.
+                    num_tasks: int, scenario: str = "domain", seed: int = 0,
+                    transform_first: bool = False) -> Stream:
+    """Task 0 is the data as given; task t > 0 applies a seeded random permutation of features
+    (`transform_first`: task 0 too, as the DER table's code permutes every task).
 
     The permutation acts on the flattened per-row features (C*H*W for images) and is the same
     for train and test. The data is stored once; each task permutes its batches as they are
@@ -226,9 +228,11 @@ def permuted_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: 
     arrays = check_arrays(x_train, y_train, x_test, y_test)
     generator = torch.Generator().manual_seed(seed)
     num_features = math.prod(arrays[0].shape[1:])
-    transforms = [None] + [PermuteFeatures(torch.randperm(num_features, generator=generator))
-                           for _ in range(num_tasks - 1)]
-    names = ["original"] + [f"permutation {index}" for index in range(1, num_tasks)]
+    kept = 0 if transform_first else 1  # task 0 as given, unless it is permuted too
+    transforms = [None] * kept + [
+        PermuteFeatures(torch.randperm(num_features, generator=generator))
+        for _ in range(num_tasks - kept)]
+    names = ["original"] * kept + [f"permutation {index}" for index in range(kept, num_tasks)]
     return _transformed_stream(name, arrays, scenario=scenario, transforms=transforms,
                                task_names=names)
 
@@ -259,10 +263,12 @@ def rotate(x: Tensor, degrees: float) -> Tensor:
 
 def rotated_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
                    num_tasks: int | None = None, scenario: str = "domain", seed: int = 0,
-                   angles: Sequence[float] | None = None) -> Stream:
+                   angles: Sequence[float] | None = None, transform_first: bool = False
+                   ) -> Stream:
     """Task t is the images rotated counterclockwise by a fixed angle in degrees.
 
-    Default angles: task 0 at 0 degrees, the others drawn uniformly in [0, 180) with `seed`.
+    Default angles: task 0 at 0 degrees, the others drawn uniformly in [0, 180) with `seed`
+    (`transform_first`: task 0's too, as the DER table's code rotates every task).
     Given `angles` set the number of tasks (and must agree with `num_tasks` if both are given).
     Labels as in `permuted_stream`.
     """
@@ -283,8 +289,9 @@ def rotated_stream(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: A
                         f"got rows of shape {tuple(arrays[0].shape[1:])}")
     if angles is None:
         generator = torch.Generator().manual_seed(seed)
-        angles = [0.0] + (torch.rand(num_tasks - 1, generator=generator,
-                                     dtype=torch.float64) * 180).tolist()
+        kept = 0 if transform_first else 1  # task 0 upright, unless it is rotated too
+        angles = [0.0] * kept + (torch.rand(num_tasks - kept, generator=generator,
+                                            dtype=torch.float64) * 180).tolist()
     logger.debug("rotation angles for %s: %s", name, angles)
     names = [f"rotated {angle:.1f} degrees" for angle in angles]
     return _transformed_stream(name, arrays, scenario=scenario,

@@ -170,6 +170,38 @@ def test_permuted_stream():
     assert not torch.equal(other.tasks[1].train.inputs(), second.train.inputs())
 
 
+def test_transform_first_permutes_and_rotates_task_0_too():
+    x_train, y_train, x_test, y_test = small_arrays()
+    usual = permuted_stream("p", x_train, y_train, x_test, y_test, num_tasks=3, seed=4)
+    every = permuted_stream("p", x_train, y_train, x_test, y_test, num_tasks=3, seed=4,
+                            transform_first=True)
+    assert [t.name for t in every.tasks] == ["permutation 0", "permutation 1", "permutation 2"]
+    # The seed's permutations, drawn in the same order: task t here is task t + 1 there.
+    assert torch.equal(every.tasks[0].train.inputs(), usual.tasks[1].train.inputs())
+    assert torch.equal(every.tasks[1].test.inputs(), usual.tasks[2].test.inputs())
+    assert not torch.equal(every.tasks[0].train.inputs(), torch.as_tensor(x_train))
+    square = np.random.default_rng(0).random((24, 1, 5, 5), dtype=np.float32)
+    rotated = rotated_stream("r", square, y_train, square, y_test, num_tasks=3, seed=2,
+                             transform_first=True)
+    angles = [float(task.name.split()[1]) for task in rotated.tasks]
+    assert all(0 < angle < 180 for angle in angles) and len(set(angles)) == 3
+    upright = rotated_stream("r", square, y_train, square, y_test, num_tasks=4, seed=2)
+    assert [task.name for task in upright.tasks[1:]] == [task.name for task in rotated.tasks]
+
+
+def test_transform_first_is_a_stream_setting_checked_before_loading():
+    from cl.types import StreamOptions
+    from tasks.builtin import permuted_digits, rotated_digits
+
+    stream = permuted_digits(StreamOptions(params=(("transform_first", "true"),), seed=1))
+    assert stream.tasks[0].name == "permutation 0"
+    with pytest.raises(UsageError, match="transform_first for stream 'rotated-digits' must be "
+                                         "true or false, got 'yes'"):
+        rotated_digits(StreamOptions(params=(("transform_first", "yes"),)))
+    with pytest.raises(UsageError, match="angles and transform_first=true"):
+        rotated_digits(StreamOptions(params=(("transform_first", "true"), ("angles", "0|90"))))
+
+
 @pytest.mark.parametrize("scenario", ["class", "task"])
 def test_permuted_class_and_task_scenarios_offset_labels(scenario):
     stream = permuted_stream("p", *small_arrays(), num_tasks=3, scenario=scenario)
