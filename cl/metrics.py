@@ -246,7 +246,15 @@ def min_accuracy(steps: ArrayLike, accuracy: ArrayLike,
         return None
     minima = []
     for i in range(k):
-        worst = _window_min(steps, accuracy, i, task_end_steps[i], task_end_steps[k])
+        if task_end_steps[i] == task_end_steps[k]:
+            # No step since task i ended (tasks fitted without gradient steps, a prototype
+            # classifier's): the evaluations after it are the last k - i at that step, the
+            # task ends i+1..k, since the runner evaluates nothing else there.
+            values = accuracy[steps == task_end_steps[k], i][-(k - i):]
+            values = values[~np.isnan(values)]
+            worst = float(values.min()) if values.size == k - i else None
+        else:
+            worst = _window_min(steps, accuracy, i, task_end_steps[i], task_end_steps[k])
         if worst is None:
             raise ValueError(f"the curve has no evaluation of task {i} after its task end step "
                              f"{task_end_steps[i]} (up to step {task_end_steps[k]})")

@@ -234,9 +234,13 @@ def evaluate(model: nn.Module, stream: Stream, strategy: Strategy, tasks: list[T
             with strategy.eval_context(model, task), torch.inference_mode():
                 for rows in evaluation_batches(task.test.x, config.eval_batch_size,
                                                config.eval_tokens):
-                    x, y = task.test.rows(rows), task.test.y[rows]
-                    with autocast(config.precision, device):
-                        logits = logits_of(model, x)
+                    y = task.test.y[rows]
+                    # A strategy may score the rows itself (prototypes on cached features).
+                    logits = strategy.eval_logits(model, task.test, rows) \
+                        if strategy.predicts else None
+                    if logits is None:
+                        with autocast(config.precision, device):
+                            logits = logits_of(model, task.test.rows(rows))
                     masked_prediction = mask_logits(logits, allowed).argmax(1)
                     prediction = (masked_prediction if stream.scenario == "task"
                                   else logits.argmax(1))
@@ -562,7 +566,9 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
     stream = stream_to_device(stream, device)
     class_mask = stream.class_mask().to(device)
     phases = training_phases(stream, config.joint)
-    steps_per_epoch = [math.ceil(len(task.train) / config.batch_size) for task, _ in phases]
+    # A phase a strategy fits without gradient steps (a prototype classifier) has none.
+    steps_per_epoch = [math.ceil(len(task.train) / config.batch_size)
+                       if strategy.trains(task) else 0 for task, _ in phases]
     total_steps = config.epochs * sum(steps_per_epoch)
     strategy.check(model, stream, config.joint)
     variants = strategy.eval_variants()
@@ -618,11 +624,12 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
             model.train()
             strategy.before_task(model, task)
             # The optimizer is rebuilt per task, after before_task has frozen or added parameters.
-            optimizer = task_optimizer(model, strategy, task, config)
+            trains = steps_per_epoch[phase] > 0
+            optimizer = task_optimizer(model, strategy, task, config) if trains else None
             task_ids = task_ids.to(device)
             window = LossWindow(device)
             task_step = 0
-            for epoch in range(config.epochs):
+            for epoch in range(config.epochs if trains else 0):
                 order = torch.randperm(len(task.train), generator=order_generator).to(
                     device, non_blocking=True)
                 for start in range(0, len(task.train), config.batch_size):

@@ -7,8 +7,9 @@ strategy never sees the runner, the optimizer or another strategy. The runner ca
     before_run(model, stream, seed)
     per task:  before_task -> param_groups -> [per step: transform_batch -> cross_entropy_mask
                -> loss_terms -> (backward) -> adjust_gradients -> (optimizer step) -> after_step]
-               -> after_task
-    per evaluated task: eval_context(model, task) around the forward passes
+               -> after_task      (no param_groups and no steps for a task `trains` says no to)
+    per evaluated task: eval_context(model, task) around the forward passes, and per batch of
+               rows eval_logits(model, split, rows), which may stand in for the forward pass
     after each task, per extra matrix a strategy asks for: eval_variant(name) around a full
                evaluation (EMA's `eval_with=both` records the live weights' matrix this way)
 
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from cl.types import Batch, Stream, Task
+from cl.types import Batch, Split, Stream, Task
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class Strategy:
     # True for a strategy that overrides `adjust_gradients`: the runner gathers the gradients
     # into a dict each step only when some strategy of the run asks for them.
     adjusts_gradients: ClassVar[bool] = False
+    # True for a strategy whose `eval_logits` scores rows in place of the model's forward pass
+    # (a prototype classifier): at most one such strategy in a Chain.
+    predicts: ClassVar[bool] = False
 
     def check_composition(self, chain: tuple[Strategy, ...]) -> None:
         """Raise ValueError if the strategies of `chain` (which holds this one) contradict it."""
@@ -63,6 +67,12 @@ class Strategy:
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         """Once before any training; `seed` seeds any randomness the strategy owns."""
+
+    def trains(self, task: Task) -> bool:
+        """Whether the runner takes gradient steps on `task` (False: a classifier fitted in
+        closed form in `after_task`, with no optimizer built). The runner asks once per task
+        before the run starts, to count the steps: the answer must follow from the settings."""
+        return True
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         """Before training on `task`, before the optimizer is built: freeze, add adapters."""
@@ -108,6 +118,14 @@ class Strategy:
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
         """Context the model is evaluated on `task` in: EMA weights, the task's adapter."""
         return contextlib.nullcontext()
+
+    def eval_logits(self, model: nn.Module, split: Split, rows: slice | Tensor
+                    ) -> Tensor | None:
+        """The logits of `rows` of `split` (an evaluated task's test or validation rows) in
+        place of the model's forward pass, or None to let the runner forward them. Called
+        inside `eval_context`, in inference mode, once per batch of rows; only strategies with
+        `predicts = True` are asked."""
+        return None
 
     def eval_variants(self) -> tuple[str, ...]:
         """Names of extra accuracy matrices to record after each task besides R."""
@@ -158,9 +176,14 @@ class Chain(Strategy):
         if repeated:
             raise ValueError(f"strategy {repeated[0]!r} appears more than once in the chain")
         self.strategies = tuple(strategies)
+        predictors = [strategy.name for strategy in self.strategies if strategy.predicts]
+        if len(predictors) > 1:
+            raise ValueError(f"{predictors[0]} and {predictors[1]} both score the evaluated rows "
+                             "themselves; keep one")
         for strategy in self.strategies:
             strategy.check_composition(self.strategies)
         self.adjusts_gradients = any(strategy.adjusts_gradients for strategy in self.strategies)
+        self.predicts = bool(predictors)
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(repr(strategy) for strategy in self.strategies)})"
@@ -172,6 +195,9 @@ class Chain(Strategy):
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         for strategy in self.strategies:
             strategy.before_run(model, stream, seed)
+
+    def trains(self, task: Task) -> bool:
+        return all(strategy.trains(task) for strategy in self.strategies)
 
     def before_task(self, model: nn.Module, task: Task) -> None:
         for strategy in self.strategies:
@@ -224,6 +250,13 @@ class Chain(Strategy):
             for strategy in self.strategies:
                 stack.enter_context(strategy.eval_context(model, task))
             yield
+
+    def eval_logits(self, model: nn.Module, split: Split, rows: slice | Tensor
+                    ) -> Tensor | None:
+        for strategy in self.strategies:
+            if strategy.predicts:
+                return strategy.eval_logits(model, split, rows)
+        return None
 
     def eval_variants(self) -> tuple[str, ...]:
         variants: list[str] = []

@@ -9,10 +9,12 @@ from strategies.ewc import EWC, EWCConfig
 from strategies.freeze import Freeze, FreezeConfig
 from strategies.lora import LoRA, LoRAConfig
 from strategies.naive import Naive
+from strategies.ncm import NCM, NCMConfig
+from strategies.ranpac import RanPAC, RanPACConfig
 from strategies.replay import Replay, ReplayConfig
 from strategies.si import SI, SIConfig
 
 __all__ = ["AGEM", "DER", "DERPP", "EMA", "ERACE", "EWC", "SI", "AGEMConfig", "DERConfig",
            "DERPPConfig", "Distill", "DistillConfig", "EMAConfig", "ERACEConfig", "EWCConfig",
-           "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "Naive", "Replay", "ReplayConfig",
-           "SIConfig"]
+           "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "NCM", "NCMConfig", "Naive", "RanPAC",
+           "RanPACConfig", "Replay", "ReplayConfig", "SIConfig"]

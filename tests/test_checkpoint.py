@@ -28,6 +28,7 @@ from strategies import (
     EMA,
     ERACE,
     EWC,
+    NCM,
     SI,
     AGEMConfig,
     DERConfig,
@@ -41,6 +42,9 @@ from strategies import (
     FreezeConfig,
     LoRA,
     LoRAConfig,
+    NCMConfig,
+    RanPAC,
+    RanPACConfig,
     Replay,
     ReplayConfig,
     SIConfig,
@@ -69,6 +73,9 @@ CASES = {
     "agem": ("task", lambda: [AGEM(AGEMConfig(capacity=12, batch_size=3))]),
     "agem reservoir": ("class", lambda: [AGEM(AGEMConfig(capacity=12, memory="reservoir"))]),
     "si": ("class", lambda: [SI(SIConfig(strength=2.0, damping=0.5, clip_value=0.5))]),
+    "ncm": ("class", lambda: [NCM(NCMConfig(metric="euclidean"))]),
+    "ranpac adapt": ("class", lambda: [Freeze(FreezeConfig(patterns=("body.1.*",))),
+                                       RanPAC(RanPACConfig(projection=24, adapt="first"))]),
     "replay+distill+ema": ("class", lambda: [
         Replay(ReplayConfig(capacity=10)), Distill(DistillConfig()), EMA(EMAConfig(decay=0.8))]),
 }
