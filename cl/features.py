@@ -87,6 +87,22 @@ def split_features(model: nn.Module, split: Split, features: str) -> Tensor:
     return result
 
 
+def logits_in_batches(model: nn.Module, x: Inputs) -> Tensor:
+    """The model's logits for every row of `x`, in row order, forwarded in the evaluation's
+    batches (text sorted by length); the caller sets eval and inference mode."""
+    from cl.models import logits_of
+    from cl.runner import TrainConfig, evaluation_batches
+    from cl.types import num_rows, take
+
+    parts, index = [], []
+    for rows in evaluation_batches(x, TrainConfig.eval_batch_size, TrainConfig.eval_tokens):
+        parts.append(logits_of(model, take(x, rows)))
+        index.append(torch.arange(num_rows(x))[rows] if isinstance(rows, slice) else rows)
+    result = parts[0].new_empty((num_rows(x), parts[0].shape[1]))
+    result[torch.cat(index).to(result.device)] = torch.cat(parts)
+    return result
+
+
 class FeatureCache:
     """Features of whole splits, each computed once, until `clear()` (the model changed).
 

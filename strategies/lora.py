@@ -1,5 +1,7 @@
 """LoRA per task: a fresh low-rank adapter (peft) per task on chosen layers of any model, the base
-and earlier adapters frozen, and the evaluated task's adapter active at test time."""
+and earlier adapters frozen, and the evaluated task's adapter active at test time, or, without
+task ids, the adapter each test row is routed to (by the nearest task prototype in the base
+model's features, or by the adapter whose prediction is surest)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.errors import UsageError
+from cl.features import FeatureCache, logits_in_batches
 from cl.models import find_head, repeated_blocks, trainable_parameters, under
 from cl.strategy import Strategy
-from cl.types import Stream, Task
+from cl.types import Split, Stream, Task
 
 log = logging.getLogger(__name__)
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+ROUTES = ("none", "prototype", "entropy")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class LoRAConfig:
     # None: per_task, or shared with merge (a merged model has one head for every task).
     head: Literal["shared", "per_task"] | None = None
     merge: bool = False  # fold each adapter into the base after its task: no task id needed
+    # Without task ids (class or domain scenario): which adapter scores a test row. prototype:
+    # the task whose mean base-model feature is nearest (cosine); entropy: the adapter whose
+    # softmax over its task's classes has the lowest entropy. none: the evaluated task's.
+    route: Literal["none", "prototype", "entropy"] = "none"
 
     def __post_init__(self) -> None:
         if self.head is None:
@@ -50,6 +60,11 @@ class LoRAConfig:
             raise ValueError(f"head must be shared or per_task, got {self.head!r}")
         if self.merge and self.head == "per_task":
             raise ValueError("merge folds every adapter into one model, so it needs head=shared")
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+        if self.route != "none" and self.merge:
+            raise ValueError("route picks one of the task adapters, but merge folds them all "
+                             "into the model: use one or the other")
 
 
 def adapter_name(task_index: int) -> str:
@@ -142,6 +157,34 @@ def unwrap_merged(model: nn.Module, name: str) -> None:
                 setattr(parent, child_name, child.get_base_layer())
 
 
+def route_by_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
+    """Each row's task: the prototype (a task's mean feature, one per row of `prototypes`) with
+    the highest cosine similarity to the row's feature."""
+    return (F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).T).argmax(1)
+
+
+def masked_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Per row, the entropy of the softmax over the classes `allowed` marks (bool, classes)."""
+    log_p = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
+    p = log_p.exp()
+    return -(p * log_p.masked_fill(~allowed, 0.0)).sum(1)
+
+
+def route_by_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Each row's task: of the adapters' logits (tasks x rows x classes), the one whose softmax
+    over its own task's classes (`allowed`: tasks x classes) is surest (lowest entropy)."""
+    entropy = torch.stack([masked_entropy(task_logits, mask)
+                           for task_logits, mask in zip(logits, allowed, strict=True)])
+    return entropy.argmin(0)
+
+
+def within_routed_task(logits: Tensor, routes: Tensor, allowed: Tensor) -> Tensor:
+    """Rows' logits (each from the adapter it was routed to) with the classes outside the routed
+    task's (`allowed`: tasks x classes) at the lowest finite value: each row is classified
+    within the task the router chose."""
+    return logits.masked_fill(~allowed[routes], torch.finfo(logits.dtype).min)
+
+
 class LoRA(Strategy):
     """One LoRA adapter per task through peft's `inject_adapter_in_model`, on any nn.Module.
 
@@ -161,15 +204,29 @@ class LoRA(Strategy):
         self.trainable_per_task: list[int] = []
         self.merged: dict[str, dict[str, Tensor]] = {}  # merge=true keeps each adapter's weights
         self.current: str | None = None
+        # Routing (route != none): the evaluated rows are scored here, not by the runner.
+        self.predicts = self.config.route != "none"
+        self.base_features = FeatureCache("auto")  # the base model's, which never trains
+        self.prototypes: dict[int, Tensor] = {}  # task index -> mean base feature (prototype)
+        self.class_mask: Tensor | None = None  # tasks x classes
+        self.task_of_split: dict[int, int] = {}  # id of a task's test split -> its index
+        self.routing: list[list[float | None]] = []  # [after task i][task j]: rows routed right
+        self.tasks_done = 0
+        self.at_task_end = False  # between after_task and the next before_task
+        self._scored: dict[int, Tensor] = {}  # this evaluation pass's logits per split
 
     def __repr__(self) -> str:
         return f"LoRA({self.config})"
 
     def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
-        if stream.scenario == "class" and not self.config.merge:
+        if stream.scenario == "class" and not self.config.merge and not self.predicts:
             raise UsageError("lora picks each task's adapter by task id, which the class "
-                             "scenario hides at test time: use --scenario task or domain, "
-                             "or lora:merge=true")
+                             "scenario hides at test time: use lora:route=prototype|entropy "
+                             "(the adapter inferred per row), lora:merge=true, or --scenario "
+                             "task or domain")
+        if stream.scenario == "task" and self.predicts:
+            raise UsageError(f"lora:route={self.config.route} infers each test row's task, "
+                             "which the task scenario gives: drop route, or use --scenario class")
         if joint and not self.config.merge:
             raise UsageError("lora trains one adapter per task, but --joint trains all tasks "
                              "as one: train sequentially, or use lora:merge=true (one adapter "
@@ -190,6 +247,10 @@ class LoRA(Strategy):
         self.model = model
         self.head = find_head(model)
         self.targets = target_modules(model, self.config.targets, self.head)
+        self.class_mask = stream.class_mask()
+        self.task_of_split = {id(task.test): task.index for task in stream.tasks}
+        if not self.routing:  # a resumed run has its matrix back from load_state_dict
+            self.routing = [[None] * len(stream.tasks) for _ in stream.tasks]
 
     def add_adapter(self, model: nn.Module, task_index: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -216,6 +277,7 @@ class LoRA(Strategy):
         self.current = name
 
     def before_task(self, model: nn.Module, task: Task) -> None:
+        self.at_task_end = False
         self.add_adapter(model, task.index)
         trainable = trainable_parameters(model)
         self.trainable_per_task.append(trainable)
@@ -227,16 +289,94 @@ class LoRA(Strategy):
             self.merged[name] = adapter_state(model, name)
             unwrap_merged(model, name)
             self.current = None
+        if self.config.route == "prototype":
+            with self.base_model(model):
+                features = self.base_features.of(model, task.train)
+            self.prototypes[task.index] = features.double().mean(0)
+        self.tasks_done = task.index + 1
+        self.at_task_end = True
 
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
+        if self.predicts:
+            return self.scoring_pass()
         if self.config.merge or not self.adapters:
             return contextlib.nullcontext()
         return self.task_adapter(model, task)
 
     @contextlib.contextmanager
-    def task_adapter(self, model: nn.Module, task: Task) -> Iterator[None]:
+    def scoring_pass(self) -> Iterator[None]:
+        """One pass over an evaluated task's rows: they are scored once, on its first batch,
+        and what the pass computed is dropped after (the next pass may see other weights: the
+        next step's, or EMA's average)."""
+        self._scored.clear()
+        try:
+            yield
+        finally:
+            self._scored.clear()
+
+    @contextlib.contextmanager
+    def base_model(self, model: nn.Module) -> Iterator[None]:
+        """The model with every adapter off (the base and its own head), as routing reads it."""
+        disable_adapters(model)
+        try:
+            yield
+        finally:
+            if self.adapters:
+                self.activate_for_training(model, self.current or self.adapters[-1])
+
+    def eval_logits(self, model: nn.Module, split: Split, rows: slice | Tensor
+                    ) -> Tensor | None:
+        if not self.adapters:
+            return None  # before the first task: the base model, forwarded by the runner
+        if id(split) not in self._scored:
+            self._scored[id(split)] = self.score_split(model, split)
+        return self._scored[id(split)][rows]
+
+    def score_split(self, model: nn.Module, split: Split) -> Tensor:
+        """Every row of `split` routed to a trained task's adapter and classified within that
+        task's classes; the routing accuracy recorded when `split` is a task's test rows."""
+        tasks = [int(name.removeprefix("task")) for name in self.adapters]
+        allowed = self.class_mask.to(split.y.device)[tasks]
+        everything = torch.arange(len(split), device=split.y.device)
+        if self.config.route == "prototype":
+            known = [task for task in tasks if task in self.prototypes]
+            if known:
+                with self.base_model(model):
+                    features = self.base_features.of(model, split)
+                prototypes = torch.stack([self.prototypes[t] for t in known]).to(features)
+                positions = torch.tensor([tasks.index(t) for t in known], device=features.device)
+                routes = positions[route_by_prototype(features, prototypes)]
+            else:  # during the first task, before it has a prototype: its adapter
+                routes = torch.full((len(split),), len(tasks) - 1, device=split.y.device)
+            logits = None
+            for position, task in enumerate(tasks):  # each adapter forwards its rows only
+                index = (routes == position).nonzero().squeeze(1)
+                if not len(index):
+                    continue
+                with self.task_adapter(model, task):
+                    scores = logits_in_batches(model, split.rows(index))
+                if logits is None:
+                    logits = scores.new_zeros((len(split), scores.shape[1]))
+                logits[index] = scores
+        else:
+            every_adapter = []
+            for task in tasks:
+                with self.task_adapter(model, task):
+                    every_adapter.append(logits_in_batches(model, split.rows(everything)))
+            stacked = torch.stack(every_adapter)
+            routes = route_by_entropy(stacked, allowed)
+            logits = stacked[routes, everything]
+        task = self.task_of_split.get(id(split))
+        if task in tasks and self.at_task_end and \
+                self.routing[self.tasks_done - 1][task] is None:  # R's view: evaluated first
+            chosen = torch.tensor(tasks, device=routes.device)[routes]
+            self.routing[self.tasks_done - 1][task] = float((chosen == task).float().mean())
+        return within_routed_task(logits, routes, allowed)
+
+    @contextlib.contextmanager
+    def task_adapter(self, model: nn.Module, task: Task | int) -> Iterator[None]:
         """Task `task`'s adapter active, or the base alone for a task not trained yet."""
-        name = adapter_name(task.index)
+        name = adapter_name(task if isinstance(task, int) else task.index)
         if name in self.adapters:
             set_adapter(model, name)
         else:
@@ -248,8 +388,14 @@ class LoRA(Strategy):
             self.activate_for_training(model, self.current or self.adapters[-1])
 
     def report(self) -> dict[str, Any]:
-        return {"adapters": len(self.adapters), "targets": self.targets,
-                "trainable_parameters_per_task": list(self.trainable_per_task)}
+        report = {"adapters": len(self.adapters), "targets": self.targets,
+                  "trainable_parameters_per_task": list(self.trainable_per_task)}
+        if self.predicts:
+            # Row i: after training task i; column j: the share of task j's test rows routed
+            # to task j's adapter (None: not evaluated, or before a task had an adapter).
+            report["routing_accuracy"] = [list(row) for row in self.routing]
+            report["feature_rows_computed"] = self.base_features.rows_computed
+        return report
 
     def artifacts(self) -> dict[str, dict[str, Tensor]]:
         if self.config.merge:
@@ -260,7 +406,8 @@ class LoRA(Strategy):
         # The adapters' weights live in the model's state dict; this is what rebuilds the model's
         # shape around them on resume.
         return {"adapters": len(self.adapters), "trainable_per_task": list(self.trainable_per_task),
-                "merged": dict(self.merged)}
+                "merged": dict(self.merged), "prototypes": dict(self.prototypes),
+                "routing": [list(row) for row in self.routing], "tasks_done": self.tasks_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = int(state["adapters"])
@@ -273,3 +420,6 @@ class LoRA(Strategy):
         else:
             self.adapters = [adapter_name(index) for index in range(count)]
         self.trainable_per_task = [int(n) for n in state["trainable_per_task"]]
+        self.prototypes = {int(k): v for k, v in state.get("prototypes", {}).items()}
+        self.routing = [list(row) for row in state.get("routing", [])]
+        self.tasks_done = int(state.get("tasks_done", count))

@@ -74,6 +74,7 @@ CASES = {
     "agem reservoir": ("class", lambda: [AGEM(AGEMConfig(capacity=12, memory="reservoir"))]),
     "si": ("class", lambda: [SI(SIConfig(strength=2.0, damping=0.5, clip_value=0.5))]),
     "ncm": ("class", lambda: [NCM(NCMConfig(metric="euclidean"))]),
+    "lora routed": ("class", lambda: [LoRA(LoRAConfig(rank=2, alpha=2.0, route="prototype"))]),
     "ranpac adapt": ("class", lambda: [Freeze(FreezeConfig(patterns=("body.1.*",))),
                                        RanPAC(RanPACConfig(projection=24, adapt="first"))]),
     "replay+distill+ema": ("class", lambda: [

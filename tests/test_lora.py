@@ -14,7 +14,15 @@ from cl.models import build_mlp
 from cl.runner import TrainConfig, run
 from cl.types import Split, Stream, Task
 from strategies import LoRA, LoRAConfig
-from strategies.lora import adapter_state, set_adapter, tuner_layers
+from strategies.lora import (
+    adapter_state,
+    masked_entropy,
+    route_by_entropy,
+    route_by_prototype,
+    set_adapter,
+    tuner_layers,
+    within_routed_task,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -214,3 +222,76 @@ def test_lora_on_a_transformers_model():
     assert torch.equal(final[f"{query}.base_layer.weight"], base[f"{query}.weight"])
     assert torch.equal(final["bert.embeddings.word_embeddings.weight"],
                        base["bert.embeddings.word_embeddings.weight"])
+
+
+# ---- routing: adapters without task ids -----------------------------------------------------
+
+def test_routing_picks_the_nearest_prototype_and_the_surest_adapter():
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    features = torch.tensor([[5.0, 0.1], [0.2, 3.0], [-2.0, -0.5], [0.3, -0.2]])
+    assert route_by_prototype(features, prototypes).tolist() == [0, 1, 2, 0]
+    allowed = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    logits = torch.tensor([[[4.0, 0.0, 9.0, 9.0], [0.1, 0.0, 0.0, 0.0]],    # adapter of task 0
+                           [[0.0, 0.0, 1.0, 0.9], [0.0, 0.0, 5.0, 0.0]]])  # adapter of task 1
+    # Row 0: task 0's softmax over its classes is sure (4 vs 0), task 1's is not (1 vs 0.9);
+    # row 1: the other way round. Logits of classes outside a task do not count.
+    assert route_by_entropy(logits, allowed).tolist() == [0, 1]
+    entropy = masked_entropy(torch.tensor([[0.0, 0.0, 7.0]]), torch.tensor([True, True, False]))
+    assert entropy.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    chosen = within_routed_task(torch.ones(2, 4), torch.tensor([1, 0]), allowed)
+    lowest = torch.finfo(torch.float32).min
+    assert chosen.tolist() == [[lowest, lowest, 1.0, 1.0], [1.0, 1.0, lowest, lowest]]
+
+
+def test_prototype_routing_reports_the_rows_routed_to_their_own_task():
+    stream = blob_stream(num_tasks=3, train_per_class=10, test_per_class=6)
+    torch.manual_seed(0)
+    model = build_mlp(stream.input_shape, stream.num_classes, (16, 16))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = LoRA(LoRAConfig(rank=2, alpha=2.0, route="prototype"))
+    result = run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.05))
+    # By hand: the base model (initial weights, which LoRA never changes) gives the features
+    # (the head's input); each trained task's prototype is its training rows' mean feature.
+    base = build_mlp(stream.input_shape, stream.num_classes, (16, 16))
+    base.load_state_dict(initial)
+    with torch.no_grad():
+        features = [(base.body(task.train.x).double(), base.body(task.test.x).double())
+                    for task in stream.tasks]
+    routing = lora.report()["routing_accuracy"]
+    for after in range(3):
+        prototypes = torch.stack([features[t][0].mean(0) for t in range(after + 1)])
+        for task in range(3):
+            if task > after:
+                assert routing[after][task] is None  # no adapter to route to yet
+                continue
+            routed = route_by_prototype(features[task][1], prototypes)
+            assert routing[after][task] == pytest.approx(float((routed == task).float().mean()))
+    assert result.accuracy[-1].mean() > 0.5
+    assert lora.report()["feature_rows_computed"] == sum(
+        len(task.train) + len(task.test) for task in stream.tasks)
+
+
+def test_entropy_routing_runs_every_adapter_and_scores_rows_without_task_ids():
+    stream = blob_stream(num_tasks=2, train_per_class=10, test_per_class=6)
+    torch.manual_seed(0)
+    model = build_mlp(stream.input_shape, stream.num_classes, (16, 16))
+    lora = LoRA(LoRAConfig(rank=2, alpha=2.0, route="entropy"))
+    first = run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.05))
+    routing = lora.report()["routing_accuracy"]
+    assert routing[0] == [1.0, None] and all(0 <= value <= 1 for value in routing[1])
+    torch.manual_seed(0)
+    again = build_mlp(stream.input_shape, stream.num_classes, (16, 16))
+    second = run(again, stream, LoRA(LoRAConfig(rank=2, alpha=2.0, route="entropy")),
+                 TrainConfig(batch_size=4, epochs=2, lr=0.05))
+    assert (first.accuracy == second.accuracy).all()
+
+
+def test_routing_settings_that_contradict_are_refused():
+    with pytest.raises(ValueError, match="route must be one of"):
+        LoRAConfig(route="nearest")
+    with pytest.raises(ValueError, match="merge"):
+        LoRAConfig(route="prototype", merge=True, head="shared")
+    stream = blob_stream(num_tasks=2, scenario="task")
+    model = build_mlp(stream.input_shape, stream.num_classes, (8, 8))
+    with pytest.raises(UsageError, match="which the task scenario gives"):
+        LoRA(LoRAConfig(route="entropy")).check(model, stream, False)
