@@ -13,8 +13,9 @@ from strategies.ncm import NCM, NCMConfig
 from strategies.ranpac import RanPAC, RanPACConfig
 from strategies.replay import Replay, ReplayConfig
 from strategies.si import SI, SIConfig
+from strategies.train_mask import TrainMask
 
 __all__ = ["AGEM", "DER", "DERPP", "EMA", "ERACE", "EWC", "SI", "AGEMConfig", "DERConfig",
            "DERPPConfig", "Distill", "DistillConfig", "EMAConfig", "ERACEConfig", "EWCConfig",
            "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "NCM", "NCMConfig", "Naive", "RanPAC",
-           "RanPACConfig", "Replay", "ReplayConfig", "SIConfig"]
+           "RanPACConfig", "Replay", "ReplayConfig", "SIConfig", "TrainMask"]

@@ -1,7 +1,9 @@
 """LoRA per task: a fresh low-rank adapter (peft) per task on chosen layers of any model, the base
 and earlier adapters frozen, and the evaluated task's adapter active at test time, or, without
 task ids, the adapter each test row is routed to (by the nearest task prototype in the base
-model's features, or by the adapter whose prediction is surest)."""
+model's features, or by the adapter whose prediction is surest), or every adapter at once: with
+the penalties of O-LoRA (Wang et al. 2023), which keep each task's update orthogonal to the
+earlier ones', their sum serves every task."""
 
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from cl.errors import UsageError
 from cl.features import FeatureCache, logits_in_batches
 from cl.models import find_head, repeated_blocks, trainable_parameters, under
 from cl.strategy import Strategy
-from cl.types import Split, Stream, Task
+from cl.types import Batch, Split, Stream, Task
 
 log = logging.getLogger(__name__)
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-ROUTES = ("none", "prototype", "entropy")
+ROUTES = ("none", "prototype", "entropy", "sum")
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,20 @@ class LoRAConfig:
     # None: per_task, or shared with merge (a merged model has one head for every task).
     head: Literal["shared", "per_task"] | None = None
     merge: bool = False  # fold each adapter into the base after its task: no task id needed
-    # Without task ids (class or domain scenario): which adapter scores a test row. prototype:
-    # the task whose mean base-model feature is nearest (cosine); entropy: the adapter whose
-    # softmax over its task's classes has the lowest entropy. none: the evaluated task's.
-    route: Literal["none", "prototype", "entropy"] = "none"
+    # Which adapter scores a test row. none: the evaluated task's (its id is known); without
+    # task ids, prototype: the task whose mean base-model feature is nearest (cosine); entropy:
+    # the adapter whose softmax over its task's classes has the lowest entropy; sum: all of them
+    # at once, in training too (O-LoRA; the earlier adapters frozen, one shared head).
+    route: Literal["none", "prototype", "entropy", "sum"] = "none"
+    # O-LoRA's terms on the adapter being trained: lambda_orth times sum |A_old A_new^T| over
+    # the earlier adapters' A matrices, lambda_l2 times the L2 norms of its matrices.
+    lambda_orth: float = 0.0
+    lambda_l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head is None:
-            object.__setattr__(self, "head", "shared" if self.merge else "per_task")
+            shared = self.merge or self.route == "sum"
+            object.__setattr__(self, "head", "shared" if shared else "per_task")
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -65,6 +73,16 @@ class LoRAConfig:
         if self.route != "none" and self.merge:
             raise ValueError("route picks one of the task adapters, but merge folds them all "
                              "into the model: use one or the other")
+        if self.route == "sum" and self.head == "per_task":
+            raise ValueError("route=sum runs every adapter at once, so it needs head=shared")
+        for name in ("lambda_orth", "lambda_l2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if (self.lambda_orth or self.lambda_l2) and self.merge:
+            raise ValueError("lambda_orth and lambda_l2 act on each task's own adapter, which "
+                             "merge folds away: use route=sum for O-LoRA")
 
 
 def adapter_name(task_index: int) -> str:
@@ -157,6 +175,32 @@ def unwrap_merged(model: nn.Module, name: str) -> None:
                 setattr(parent, child_name, child.get_base_layer())
 
 
+def orthogonality_penalty(new: Tensor, earlier: list[Tensor]) -> Tensor:
+    """O-LoRA's: sum over the earlier adapters of the absolute entries of A_old A_new^T (A:
+    rank x inputs). Zero exactly when every row of the new A is orthogonal to every row of
+    every earlier A."""
+    if not earlier:
+        return new.new_zeros(())
+    return sum((old @ new.T).abs().sum() for old in earlier)
+
+
+def adapter_matrices(model: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:
+    """Adapter `name`'s (A, B) pair in every adapted layer, each as a matrix (rank x inputs,
+    outputs x rank; a conv's kernel flattened into its inputs)."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        if name in layer.lora_A:
+            pairs.append((layer.lora_A[name].weight.flatten(1),
+                          layer.lora_B[name].weight.flatten(1)))
+        elif name in layer.lora_embedding_A:
+            pairs.append((layer.lora_embedding_A[name], layer.lora_embedding_B[name]))
+    return pairs
+
+
 def route_by_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
     """Each row's task: the prototype (a task's mean feature, one per row of `prototypes`) with
     the highest cosine similarity to the row's feature."""
@@ -205,7 +249,7 @@ class LoRA(Strategy):
         self.merged: dict[str, dict[str, Tensor]] = {}  # merge=true keeps each adapter's weights
         self.current: str | None = None
         # Routing (route != none): the evaluated rows are scored here, not by the runner.
-        self.predicts = self.config.route != "none"
+        self.predicts = self.config.route in ("prototype", "entropy")
         self.base_features = FeatureCache("auto")  # the base model's, which never trains
         self.prototypes: dict[int, Tensor] = {}  # task index -> mean base feature (prototype)
         self.class_mask: Tensor | None = None  # tasks x classes
@@ -219,11 +263,11 @@ class LoRA(Strategy):
         return f"LoRA({self.config})"
 
     def check(self, model: nn.Module, stream: Stream, joint: bool) -> None:
-        if stream.scenario == "class" and not self.config.merge and not self.predicts:
+        if stream.scenario == "class" and not self.config.merge and self.config.route == "none":
             raise UsageError("lora picks each task's adapter by task id, which the class "
                              "scenario hides at test time: use lora:route=prototype|entropy "
-                             "(the adapter inferred per row), lora:merge=true, or --scenario "
-                             "task or domain")
+                             "(the adapter inferred per row), lora:route=sum (every adapter at "
+                             "once, O-LoRA), lora:merge=true, or --scenario task or domain")
         if stream.scenario == "task" and self.predicts:
             raise UsageError(f"lora:route={self.config.route} infers each test row's task, "
                              "which the task scenario gives: drop route, or use --scenario class")
@@ -268,7 +312,17 @@ class LoRA(Strategy):
         self.activate_for_training(model, name)
 
     def activate_for_training(self, model: nn.Module, name: str) -> None:
-        set_adapter(model, name)
+        if self.config.route == "sum":
+            # Every adapter runs (their updates sum), only the newest trains.
+            for layer in tuner_layers(model):
+                layer.enable_adapters(True)
+                layer.set_adapter(self.adapters)
+            earlier = [f".{old}." for old in self.adapters if old != name]
+            for parameter_name, parameter in model.named_parameters():
+                if any(old in f".{parameter_name}." for old in earlier):
+                    parameter.requires_grad_(False)
+        else:
+            set_adapter(model, name)
         # peft freezes every base parameter; a shared head keeps learning.
         if self.config.head == "shared":
             for parameter_name, parameter in model.named_parameters():
@@ -299,7 +353,7 @@ class LoRA(Strategy):
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
         if self.predicts:
             return self.scoring_pass()
-        if self.config.merge or not self.adapters:
+        if self.config.merge or self.config.route == "sum" or not self.adapters:
             return contextlib.nullcontext()
         return self.task_adapter(model, task)
 
@@ -323,6 +377,23 @@ class LoRA(Strategy):
         finally:
             if self.adapters:
                 self.activate_for_training(model, self.current or self.adapters[-1])
+
+    def loss_terms(self, model: nn.Module, batch: Batch, logits: Tensor,
+                   task: Task) -> dict[str, Tensor]:
+        config = self.config
+        if not (config.lambda_orth or config.lambda_l2) or self.current is None:
+            return {}
+        new = adapter_matrices(model, self.current)
+        terms = {}
+        if config.lambda_orth:
+            earlier = [adapter_matrices(model, old) for old in self.adapters
+                       if old != self.current]
+            terms["orthogonal"] = config.lambda_orth * sum(
+                orthogonality_penalty(a, [pairs[layer][0] for pairs in earlier])
+                for layer, (a, _) in enumerate(new))
+        if config.lambda_l2:
+            terms["l2"] = config.lambda_l2 * sum(a.norm() + b.norm() for a, b in new)
+        return terms
 
     def eval_logits(self, model: nn.Module, split: Split, rows: slice | Tensor
                     ) -> Tensor | None:

@@ -48,6 +48,7 @@ from strategies import (
     Replay,
     ReplayConfig,
     SIConfig,
+    TrainMask,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,6 +76,8 @@ CASES = {
     "si": ("class", lambda: [SI(SIConfig(strength=2.0, damping=0.5, clip_value=0.5))]),
     "ncm": ("class", lambda: [NCM(NCMConfig(metric="euclidean"))]),
     "lora routed": ("class", lambda: [LoRA(LoRAConfig(rank=2, alpha=2.0, route="prototype"))]),
+    "o-lora": ("class", lambda: [LoRA(LoRAConfig(rank=2, alpha=2.0, route="sum", lambda_orth=0.5,
+                                                 lambda_l2=0.01)), TrainMask()]),
     "ranpac adapt": ("class", lambda: [Freeze(FreezeConfig(patterns=("body.1.*",))),
                                        RanPAC(RanPACConfig(projection=24, adapt="first"))]),
     "replay+distill+ema": ("class", lambda: [

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import blob_stream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -17,6 +19,7 @@ from strategies import LoRA, LoRAConfig
 from strategies.lora import (
     adapter_state,
     masked_entropy,
+    orthogonality_penalty,
     route_by_entropy,
     route_by_prototype,
     set_adapter,
@@ -295,3 +298,58 @@ def test_routing_settings_that_contradict_are_refused():
     model = build_mlp(stream.input_shape, stream.num_classes, (8, 8))
     with pytest.raises(UsageError, match="which the task scenario gives"):
         LoRA(LoRAConfig(route="entropy")).check(model, stream, False)
+
+
+# ---- O-LoRA: every adapter at once, each new one orthogonal to the earlier ones --------------
+
+def test_the_orthogonality_penalty_is_zero_for_orthogonal_a_matrices_and_positive_otherwise():
+    basis = torch.eye(6)
+    assert orthogonality_penalty(basis[:2], [basis[2:4], basis[4:]]).item() == 0.0
+    assert orthogonality_penalty(basis[:2], []).item() == 0.0
+    overlapping = basis[:2] + 0.5 * basis[2:4]
+    # |A_old A_new^T|: the 0.5 each new row shares with one old row.
+    assert orthogonality_penalty(overlapping, [basis[2:4]]).item() == pytest.approx(1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31))
+def test_the_orthogonality_penalty_is_never_negative(rank, earlier, seed):
+    generator = torch.Generator().manual_seed(seed)
+    new = torch.randn(rank, 7, generator=generator)
+    old = [torch.randn(rank, 7, generator=generator) for _ in range(earlier)]
+    assert orthogonality_penalty(new, old).item() >= 0
+    assert orthogonality_penalty(torch.zeros(rank, 7), old).item() == 0.0
+
+
+def test_route_sum_runs_every_adapter_and_trains_only_the_newest():
+    stream = blob_stream(num_tasks=3, train_per_class=6, test_per_class=4)
+    torch.manual_seed(0)
+    model = build_mlp(stream.input_shape, stream.num_classes, (8, 8))
+    lora = LoRA(LoRAConfig(rank=2, alpha=2.0, route="sum", lambda_orth=0.5, lambda_l2=0.01))
+    assert lora.config.head == "shared"
+    states = []
+    run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.05),
+        checkpoint=lambda state: states.append({k: v.clone() for k, v in state["model"].items()}))
+    for done, state in enumerate(states[1:], start=1):
+        for earlier in range(done):  # earlier adapters never move
+            keys = [k for k in state if f".task{earlier}." in k]
+            assert keys and all(torch.equal(state[k], states[done - 1][k]) for k in keys)
+    # A layer's output is the base's plus every adapter's update, scaled by alpha / rank.
+    layer = model.body[1]
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + sum(
+            layer.lora_B[name](layer.lora_A[name](x)) * layer.scaling[name]
+            for name in ("task0", "task1", "task2"))
+        assert torch.allclose(layer(x), expected, atol=1e-6)
+    terms = lora.loss_terms(model, None, None, stream.tasks[2])
+    assert set(terms) == {"orthogonal", "l2"} and terms["orthogonal"].item() > 0
+
+
+def test_o_lora_settings_are_checked():
+    for bad in ({"lambda_orth": -1.0}, {"lambda_l2": float("nan")},
+                {"route": "sum", "head": "per_task"}, {"merge": True, "lambda_orth": 0.5}):
+        with pytest.raises(ValueError):
+            LoRAConfig(**bad)
+    stream = blob_stream(scenario="class")
+    LoRA(LoRAConfig(rank=2, route="sum")).check(mlp(stream), stream, False)
