@@ -118,6 +118,49 @@ def text_cl() -> str:
     return "\n".join(lines)
 
 
+def text_classil() -> str:
+    data = json.loads((RESULTS / "text_classil.json").read_text())
+
+    def cell(entry: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
+        if f"{key}_mean" not in entry:
+            return "-"
+        return (f"{scale * entry[f'{key}_mean']:.{digits}f} ± "
+                f"{scale * entry[f'{key}_std']:.{digits}f}")
+
+    lines = ["| method | runs | ACC | of joint | BWT | forgetting | routing | trainable "
+             "parameters | train s | eval s | peak MiB |", "|---" * 11 + "|"]
+    entries = [*data["methods"].items()] + ([("joint", data["joint"])] if "joint" in data
+                                            else [])
+    for name, entry in entries:
+        fraction = "-" if "fraction_of_joint" not in entry else (
+            f"{100 * entry['fraction_of_joint']:.1f}%")
+        lines.append(f"| `{name}` | {entry['runs']} | {cell(entry, 'acc')} | {fraction} | "
+                     f"{cell(entry, 'bwt')} | {cell(entry, 'forgetting')} | "
+                     f"{cell(entry, 'routing_accuracy')} | {entry['trainable_parameters']:,} | "
+                     f"{cell(entry, 'train_seconds', 1.0, 0)} | "
+                     f"{cell(entry, 'eval_seconds', 1.0, 0)} | "
+                     f"{entry['peak_rss_mb_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def text_classil_runs(order: int = 1, seed: int = 0) -> str:
+    """Every method run so far on one order and seed (the summary waits for all of them)."""
+    rows = [json.loads(line) for line in
+            (RESULTS / "text_classil_runs.jsonl").read_text().splitlines() if line.strip()]
+    names = next(row["task_names"] for row in rows if row["order"] == order)
+    lines = ["| method | ACC | " + " | ".join(names) + " | BWT | routing | train s | eval s |",
+             "|---" * (6 + len(names)) + "|"]
+    for row in rows:
+        if (row["order"], row["seed"]) != (order, seed):
+            continue
+        final = " | ".join(f"{100 * value:.1f}" for value in row["accuracy_matrix"][-1])
+        bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.2f}"
+        routing = "-" if row["routing_accuracy"] is None else f"{100 * row['routing_accuracy']:.1f}"
+        lines.append(f"| `{row['method']}` | {100 * row['acc']:.2f} | {final} | {bwt} | "
+                     f"{routing} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(mnist_table())
     print()
@@ -126,3 +169,7 @@ if __name__ == "__main__":
     print(strategy_cost())
     print()
     print(text_cl())
+    print()
+    print(text_classil())
+    print()
+    print(text_classil_runs())
