@@ -3,14 +3,15 @@ cache that computes them once per split while the model does not change."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.models import eval_mode, find_head, model_input, trim_padding
-from cl.types import Inputs, Split
+from cl.models import eval_mode, find_head, logits_of, model_input, trim_padding
+from cl.types import Inputs, Split, num_rows, take
 
 # head: the input of the model's head (the built-in MLP and CNN, a ViT's class token);
 # mean_tokens: the mean of a transformers model's last hidden states over the row's tokens (how
@@ -64,43 +65,37 @@ def batch_features(model: nn.Module, x: Inputs, features: str) -> Tensor:
     return kept[-1].float()
 
 
-def split_features(model: nn.Module, split: Split, features: str) -> Tensor:
-    """The features of every row of `split`, in row order, with the model in eval mode.
-
-    Text rows go in batches of similar length (the runner's evaluation batches), so short rows
-    do not pay for long ones' padding."""
+def in_evaluation_batches(x: Inputs, outputs: Callable[[slice | Tensor], Tensor]) -> Tensor:
+    """`outputs(rows)` for every batch of rows of `x`, put back in row order: the evaluation's
+    batches (`cl.runner.evaluation_batches`: text rows sorted by length, as many as fit in its
+    token budget), so short rows do not pay for long ones' padding."""
     from cl.runner import TrainConfig, evaluation_batches
 
-    # The evaluation's batches: rows x longest row within its token budget (bench/text_eval.py).
-    batches = evaluation_batches(split.x, TrainConfig.eval_batch_size, TrainConfig.eval_tokens)
     parts: list[Tensor] = []
     index: list[Tensor] = []
-    with eval_mode(model), torch.inference_mode():
-        for rows in batches:
-            parts.append(batch_features(model, split.rows(rows), features))
-            index.append(torch.arange(len(split))[rows] if isinstance(rows, slice) else rows)
-    # Built outside inference mode: the features then serve in ordinary tensor arithmetic.
-    if not parts:
-        raise ValueError("a split without rows has no features")
-    result = torch.empty((len(split), parts[0].shape[1]), device=parts[0].device)
-    result[torch.cat(index).to(result.device)] = torch.cat(parts)
-    return result
-
-
-def logits_in_batches(model: nn.Module, x: Inputs) -> Tensor:
-    """The model's logits for every row of `x`, in row order, forwarded in the evaluation's
-    batches (text sorted by length); the caller sets eval and inference mode."""
-    from cl.models import logits_of
-    from cl.runner import TrainConfig, evaluation_batches
-    from cl.types import num_rows, take
-
-    parts, index = [], []
     for rows in evaluation_batches(x, TrainConfig.eval_batch_size, TrainConfig.eval_tokens):
-        parts.append(logits_of(model, take(x, rows)))
+        parts.append(outputs(rows))
         index.append(torch.arange(num_rows(x))[rows] if isinstance(rows, slice) else rows)
+    if not parts:
+        raise ValueError("no rows to forward")
     result = parts[0].new_empty((num_rows(x), parts[0].shape[1]))
     result[torch.cat(index).to(result.device)] = torch.cat(parts)
     return result
+
+
+def split_features(model: nn.Module, split: Split, features: str) -> Tensor:
+    """The features of every row of `split`, in row order, with the model in eval mode."""
+    with eval_mode(model), torch.inference_mode():
+        computed = in_evaluation_batches(
+            split.x, lambda rows: batch_features(model, split.rows(rows), features))
+    # A copy made outside inference mode: the features then serve in ordinary arithmetic.
+    return computed.clone()
+
+
+def logits_in_batches(model: nn.Module, x: Inputs) -> Tensor:
+    """The model's logits for every row of `x`, in row order, in the evaluation's batches; the
+    caller sets eval and inference mode."""
+    return in_evaluation_batches(x, lambda rows: logits_of(model, take(x, rows)))
 
 
 class FeatureCache:

@@ -255,7 +255,6 @@ class LoRA(Strategy):
         self.class_mask: Tensor | None = None  # tasks x classes
         self.task_of_split: dict[int, int] = {}  # id of a task's test split -> its index
         self.routing: list[list[float | None]] = []  # [after task i][task j]: rows routed right
-        self.tasks_done = 0
         self.at_task_end = False  # between after_task and the next before_task
         self._scored: dict[int, Tensor] = {}  # this evaluation pass's logits per split
 
@@ -347,7 +346,6 @@ class LoRA(Strategy):
             with self.base_model(model):
                 features = self.base_features.of(model, task.train)
             self.prototypes[task.index] = features.double().mean(0)
-        self.tasks_done = task.index + 1
         self.at_task_end = True
 
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
@@ -438,10 +436,11 @@ class LoRA(Strategy):
             routes = route_by_entropy(stacked, allowed)
             logits = stacked[routes, everything]
         task = self.task_of_split.get(id(split))
-        if task in tasks and self.at_task_end and \
-                self.routing[self.tasks_done - 1][task] is None:  # R's view: evaluated first
+        # After a task, its adapter is the newest: row len(tasks) - 1 of the routing matrix.
+        row = self.routing[len(tasks) - 1]
+        if task in tasks and self.at_task_end and row[task] is None:  # R's view: evaluated first
             chosen = torch.tensor(tasks, device=routes.device)[routes]
-            self.routing[self.tasks_done - 1][task] = float((chosen == task).float().mean())
+            row[task] = float((chosen == task).float().mean())
         return within_routed_task(logits, routes, allowed)
 
     @contextlib.contextmanager
@@ -478,7 +477,7 @@ class LoRA(Strategy):
         # shape around them on resume.
         return {"adapters": len(self.adapters), "trainable_per_task": list(self.trainable_per_task),
                 "merged": dict(self.merged), "prototypes": dict(self.prototypes),
-                "routing": [list(row) for row in self.routing], "tasks_done": self.tasks_done}
+                "routing": [list(row) for row in self.routing]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = int(state["adapters"])
@@ -493,4 +492,3 @@ class LoRA(Strategy):
         self.trainable_per_task = [int(n) for n in state["trainable_per_task"]]
         self.prototypes = {int(k): v for k, v in state.get("prototypes", {}).items()}
         self.routing = [list(row) for row in state.get("routing", [])]
-        self.tasks_done = int(state.get("tasks_done", count))
