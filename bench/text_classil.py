@@ -77,6 +77,9 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
                    "--test-per-task", str(args.test_per_task), "--epochs", "1",
                    "--batch-size", "16", "--optimizer", "adamw", "--threads",
                    str(args.threads), "--seed", str(seed), "--out", str(out), *extra]
+        # The machine is shared: its load before and after says whether a run's seconds were
+        # measured alone (load about the run's own threads) or beside other work.
+        load_before = os.getloadavg()[0]
         started = time.perf_counter()
         finished = subprocess.run(command, capture_output=True, text=True,
                                   cwd=Path(__file__).resolve().parent.parent)
@@ -100,6 +103,7 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
         "trainable_parameters_per_task": lora.get("trainable_parameters_per_task"),
         "train_seconds": metrics["train_seconds"], "eval_seconds": metrics["eval_seconds"],
         "peak_rss_mb": metrics["peak_rss_mb"], "wall_seconds": time.perf_counter() - started,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
