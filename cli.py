@@ -69,7 +69,8 @@ def run_command(
                                             "training rows (seeded, stratified) and record "
                                             "their accuracy matrix too [0]")] = None,
     model: Annotated[str | None, Opt(help="Model: mlp, cnn, minilm (text), or "
-                                          "hf:<name-or-path> (text) [mlp]")] = None,
+                                          "hf:<name-or-path> (a text or image "
+                                          "classifier) [mlp]")] = None,
     hidden: Annotated[str | None, Opt(metavar="SIZES",
                                       help="Hidden sizes, e.g. 400,400 [the model's own]")
                       ] = None,

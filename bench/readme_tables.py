@@ -156,7 +156,8 @@ def text_classil_runs(order: int = 1, seed: int = 0) -> str:
         final = " | ".join(f"{100 * value:.1f}" for value in row["accuracy_matrix"][-1])
         bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.2f}"
         routing = "-" if row["routing_accuracy"] is None else f"{100 * row['routing_accuracy']:.1f}"
-        lines.append(f"| `{row['method']}` | {100 * row['acc']:.2f} | {final} | {bwt} | "
+        name = row["method"] + (f" ({row['setting']})" if row.get("setting") else "")
+        lines.append(f"| `{name}` | {100 * row['acc']:.2f} | {final} | {bwt} | "
                      f"{routing} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -12,6 +12,15 @@ eval seconds, peak memory, and ACC as a fraction of joint training's on the same
     pip install -e ".[text]"
     python bench/text_classil.py --data ../shared/data/text
     python bench/text_classil.py --data ../shared/data/text --methods ncm,ranpac --seeds 1
+
+Settings are chosen on validation rows, never on test rows: `--val-fraction 0.1` holds out a
+seeded tenth of each task's training rows, `--lr` and `--epochs` override a method's, and each
+such run is kept under its setting (`lr=...,epochs=...,val=0.1`) with its validation ACC. The
+summary's `selection` lists them per method; `CHOSEN` below records the setting the table then
+uses (run without the held-out rows).
+
+    python bench/text_classil.py --data ../shared/data/text --methods "prompt routed" \
+        --orders 1 --seeds 1 --val-fraction 0.1 --lr 3e-3
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ ORDERS = {1: "dbpedia|amazon|yelp|agnews", 2: "dbpedia|amazon|agnews|yelp",
           3: "yelp|amazon|agnews|dbpedia"}
 FULL_LR = "5e-5"  # full fine-tuning of a BERT: AdamW at a few 1e-5
 ADAPTER_LR = "5e-4"  # adapters start at zero and hold few parameters: a larger step
+PROMPT_LR = "1e-2"  # soft prompts: larger still (Lester et al. train them at 0.3 with Adafactor)
 # name: (extra `cl run` arguments, what it is)
 METHODS: dict[str, tuple[list[str], str]] = {
     "finetune": (["--lr", FULL_LR], "sequential full fine-tuning (the lower bound)"),
@@ -59,6 +69,9 @@ METHODS: dict[str, tuple[list[str], str]] = {
                 "--strategy", "train_mask"],
                "O-LoRA: every adapter summed, each new one orthogonal to the earlier ones; one "
                "head, trained on each task's classes only"),
+    "prompt routed": (["--lr", PROMPT_LR, "--strategy", "prompt:num_tokens=20,route=prototype"],
+                      "a soft prompt (20 tokens) and head per task, each row routed by the "
+                      "nearest task prototype"),
     "joint": (["--lr", FULL_LR, "--joint"], "all tasks at once, one epoch (the methods' budget)"),
     "joint 3 epochs": (["--lr", FULL_LR, "--joint", "--epochs", "3"],
                        "all tasks at once, three epochs: one epoch leaves a BERT undertrained "
@@ -66,8 +79,32 @@ METHODS: dict[str, tuple[list[str], str]] = {
 }
 
 
+# method -> the setting (overrides of METHODS, chosen on validation) the summary reports.
+CHOSEN: dict[str, str] = {}
+
+
+def setting_of(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The overrides asked for, as the setting's name and as `cl run` arguments."""
+    parts, extra = [], []
+    if args.lr is not None:
+        parts.append(f"lr={args.lr}")
+        extra += ["--lr", args.lr]
+    if args.epochs is not None:
+        parts.append(f"epochs={args.epochs}")
+        extra += ["--epochs", str(args.epochs)]
+    if args.val_fraction:
+        parts.append(f"val={args.val_fraction}")
+        extra += ["--val-fraction", str(args.val_fraction)]
+    if args.eval_every:
+        parts.append(f"eval_every={args.eval_every}")
+        extra += ["--eval-every", str(args.eval_every)]
+    return ",".join(parts), extra
+
+
 def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dict:
     extra, _ = METHODS[method]
+    setting, overrides = setting_of(args)
+    extra = [*extra, *overrides]  # repeated options: the last one given wins
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
         command = [sys.executable, "-m", "cli", "run", "--tasks",
@@ -89,8 +126,16 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
         metrics = json.loads((out / "metrics.json").read_text())
     lora = metrics["strategies"].get("lora", {})
     routing = lora.get("routing_accuracy")
+    validation = metrics.get("variants", {}).get("validation")
     return {
-        "method": method, "order": order, "seed": seed,
+        "method": method, "order": order, "seed": seed, "setting": setting,
+        "val_acc": None if validation is None else validation["acc"],
+        # The validation ACC at every evaluation (with --eval-every: along the epochs), over
+        # the tasks evaluated there, and the steps they were made at.
+        "val_curve": None if validation is None else [
+            statistics.fmean(v for v in point if v == v)  # NaN: a task not evaluated there
+            for point in validation["curve_accuracy"]],
+        "curve_steps": metrics["curve"]["steps"],
         "command": " ".join(command[2:]).replace(str(out), "RUN"),
         "acc": metrics["acc"],
         "bwt": None if metrics["joint"] else metrics["bwt"],
@@ -111,11 +156,25 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def selection(rows: list[dict]) -> dict:
+    """Per method, every setting run with validation rows: its mean validation ACC over the
+    runs made, and which setting CHOSEN holds."""
+    found: dict = {}
+    for row in rows:
+        if row.get("val_acc") is not None:
+            found.setdefault(row["method"], {}).setdefault(row["setting"], []).append(row)
+    return {method: {"chosen": CHOSEN.get(method, ""), "candidates": [
+        {"setting": setting, "runs": [(r["order"], r["seed"]) for r in mine],
+         "val_acc_mean": statistics.fmean(r["val_acc"] for r in mine)}
+        for setting, mine in sorted(settings.items())]} for method, settings in found.items()}
+
+
 def summarise(rows: list[dict], runs: list[tuple[int, int]]) -> dict:
     """Per method whose every (order, seed) is done: means and stds; ACC against joint's on the
     same order and seed."""
-    by_key = {(r["method"], r["order"], r["seed"]): r for r in rows}
-    summary: dict = {"methods": {}}
+    by_key = {(r["method"], r["order"], r["seed"]): r for r in rows
+              if r.get("setting", "") == CHOSEN.get(r["method"], "")}
+    summary: dict = {"methods": {}, "selection": selection(rows)}
     for method, (_, description) in METHODS.items():
         mine = [by_key.get((method, order, seed)) for order, seed in runs]
         if any(row is None for row in mine):
@@ -152,6 +211,12 @@ def main() -> None:
     parser.add_argument("--test-per-task", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--lr", help="the methods' learning rate, overriding theirs")
+    parser.add_argument("--epochs", type=int, help="epochs per task, overriding the methods'")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold out this fraction of each task's training rows")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="steps between evaluations (validation curve along training)")
     parser.add_argument("--runs", default=str(RESULTS / "text_classil_runs.jsonl"))
     parser.add_argument("--out", default=str(RESULTS / "text_classil.json"))
     args = parser.parse_args()
@@ -163,18 +228,22 @@ def main() -> None:
     runs_path = Path(args.runs)
     rows = [json.loads(line) for line in runs_path.read_text().splitlines()
             if line.strip()] if runs_path.is_file() else []
-    done = {(r["method"], r["order"], r["seed"]) for r in rows}
+    setting, _ = setting_of(args)
+    done = {(r["method"], r["order"], r["seed"], r.get("setting", "")) for r in rows}
     for method in methods:
         for order in orders:
             for seed in range(args.seeds):
-                if (method, order, seed) in done:
+                if (method, order, seed, setting) in done:
                     continue
                 row = run_one(method, order, seed, args)
                 rows.append(row)
                 with runs_path.open("a") as file:
                     file.write(json.dumps(row) + "\n")
-                print(f"{method:<14} order {order} seed {seed}: ACC {100 * row['acc']:.2f}  "
-                      f"({row['wall_seconds']:.0f} s)", file=sys.stderr)
+                validated = "" if row["val_acc"] is None else \
+                    f", validation {100 * row['val_acc']:.2f}"
+                print(f"{method:<14} order {order} seed {seed} {setting}: ACC "
+                      f"{100 * row['acc']:.2f}{validated}  ({row['wall_seconds']:.0f} s)",
+                      file=sys.stderr)
     # The summary covers the orders and seeds asked for: a partial one says so in its setting.
     summary = summarise(rows, [(order, seed) for order in orders for seed in range(args.seeds)])
     summary["setting"] = {

@@ -319,7 +319,8 @@ def build(config: RunConfig) -> Built:
     checked = plan(config)
     config, given = absolute_paths(config)
     backbone, source = checked.backbone, checked.source
-    tokenizer = backbone.tokenizer(source) if backbone is not None else None
+    kind = backbone.kind(source) if backbone is not None else None
+    tokenizer = backbone.tokenizer(source) if kind == "text" else None
     stream = checked.build_stream(StreamOptions(
         scenario=config.scenario, num_tasks=config.num_tasks,
         classes_per_task=config.classes_per_task, class_order=config.class_order,
@@ -330,12 +331,18 @@ def build(config: RunConfig) -> Built:
     stream = hold_out(stream, config.val_fraction, config.seed)
     text_inputs = isinstance(stream.tasks[0].train.x, dict)
     hidden = config.hidden
-    if backbone is not None:
+    if kind == "text":
         if not text_inputs:
             raise UsageError(f"model {config.model!r} reads text, but stream "
                              f"{checked.stream_name!r} holds arrays; use a text stream "
                              "(text-cl, text)")
         model = backbone.model(source, stream.num_classes, config.seed, tokenizer.pad_token_id)
+    elif kind == "image":
+        if text_inputs:
+            raise UsageError(f"model {config.model!r} classifies images, but stream "
+                             f"{checked.stream_name!r} holds text; use an image stream")
+        model = backbone.image_model(source, stream.num_classes, config.seed,
+                                     stream.input_shape)
     else:
         if text_inputs:
             raise UsageError(f"stream {checked.stream_name!r} holds text: use --model minilm "
@@ -460,6 +467,9 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         # An extra matrix a strategy asked for (EMA's live weights), with its own metrics.
         entry = measured(variant["accuracy"], variant["initial_accuracy"],
                          variant["curve_accuracy"])
+        # Every evaluation of the variant, as the main matrix's `curve` (for a validation view:
+        # a setting such as the epoch count chosen along one run).
+        entry["curve_accuracy"] = variant["curve_accuracy"].tolist()
         if variant["task_accuracy"] is not None:
             entry["task_il"] = measured(variant["task_accuracy"],
                                         variant["initial_task_accuracy"],

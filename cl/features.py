@@ -170,6 +170,10 @@ class FrozenFeatures:
     def rows(self, model: nn.Module, split: Split, rows: slice | Tensor) -> Tensor:
         return self.cache.of(model, split)[rows]
 
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        """Without adaptation the model stays as built: a checkpoint need not hold any of it."""
+        return frozenset(model.state_dict()) if self.adapt == "none" else frozenset()
+
     def report(self) -> dict:
         return {"feature_rows_computed": self.cache.rows_computed,
                 "feature_cache_bytes": self.cache.nbytes()}

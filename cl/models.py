@@ -44,11 +44,12 @@ def model_input(x: Tensor) -> Tensor:
 
 
 def logits_of(model: nn.Module, x: Inputs) -> Tensor:
-    """The model's logits for `x`: a transformers model takes `**x` (padding trimmed) and
-    returns `.logits`; uint8 images are scaled to [0, 1] first (`model_input`)."""
+    """The model's logits for `x`: a transformers model takes `**x` (padding trimmed), or the
+    images, and returns `.logits`; uint8 images are scaled to [0, 1] first (`model_input`)."""
     if isinstance(x, dict):
         return model(**trim_padding(x)).logits
-    return model(model_input(x))
+    output = model(model_input(x))
+    return output if isinstance(output, Tensor) else output.logits
 
 
 def initialise(model: nn.Module, init: str) -> nn.Module:

@@ -302,16 +302,31 @@ def training_phases(stream: Stream, joint: bool) -> list[tuple[Task, Tensor]]:
     return [(task, torch.full((len(task.train),), task.index)) for task in stream.tasks]
 
 
+def checkpoint_weights(model: nn.Module, strategy: Strategy) -> dict[str, Tensor]:
+    """The model's state dict without the keys the strategies keep as built (a frozen base
+    under adapters: a checkpoint then holds megabytes, not the whole pretrained model)."""
+    unchanged = strategy.unchanged_keys(model)
+    training = sorted(name for name, parameter in model.named_parameters(remove_duplicate=False)
+                      if name in unchanged and parameter.requires_grad)
+    if training:  # a checkpoint that left it out would resume with the built weights
+        raise RuntimeError(f"{strategy!r} says {training[0]} stays as built, but it trains")
+    return {k: v for k, v in model.state_dict().items() if k not in unchanged}
+
+
 def restore(resume: dict, model: nn.Module, strategy: Strategy, views: tuple[str, ...],
             listener: Listener | None, order_generator: torch.Generator,
             device: torch.device) -> Progress:
     """A checkpoint's state loaded into the freshly built model and strategy: the strategy
     first (LoRA rebuilds its adapters), then the weights, then the RNGs; its progress back."""
     strategy.load_state_dict(resume["strategy"])
-    problem = state_dict_mismatch(model.state_dict(), resume["model"])
+    # The frozen base the strategies keep as built is not in the file: the rebuilt model has it.
+    unchanged = strategy.unchanged_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in unchanged}
+    given = {k: v for k, v in resume["model"].items() if k not in unchanged}
+    problem = state_dict_mismatch(expected, given)
     if problem is not None:  # a model file copied in from another run
         raise UsageError(f"the checkpoint's model does not fit this run's model: {problem}")
-    model.load_state_dict(resume["model"])
+    model.load_state_dict(given, strict=False)
     progress = Progress(views, listener, resume["progress"], device)
     set_rng_state(resume["rng"], order_generator, device)
     progress.replay_events()
@@ -688,7 +703,8 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
                      len(phases), task.name, f"{np.nanmean(final.accuracy):.4f}"
                      if final.rows else "(none evaluated)")
             if checkpoint is not None:
-                checkpoint({"model": model.state_dict(), "strategy": strategy.state_dict(),
+                checkpoint({"model": checkpoint_weights(model, strategy),
+                            "strategy": strategy.state_dict(),
                             "rng": rng_state(order_generator, device),
                             "progress": progress.state})
 

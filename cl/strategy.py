@@ -15,8 +15,9 @@ strategy never sees the runner, the optimizer or another strategy. The runner ca
 
 Besides the hooks, a strategy describes itself: `state_dict` (tensors, numbers, strings, lists
 and dicts only, so a checkpoint loads with `weights_only=True`), `report` (figures for
-metrics.json: bytes held, parameters trained) and `artifacts` (tensor files worth keeping on
-their own, such as one LoRA adapter per task).
+metrics.json: bytes held, parameters trained), `artifacts` (tensor files worth keeping on
+their own, such as one LoRA adapter per task) and `unchanged_keys` (the frozen base a checkpoint
+need not hold).
 """
 
 from __future__ import annotations
@@ -142,6 +143,13 @@ class Strategy:
     def artifacts(self) -> dict[str, dict[str, Tensor]]:
         """Named tensor dicts worth saving as files of their own (safetensors) with a checkpoint."""
         return {}
+
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        """Keys of `model.state_dict()` this strategy keeps exactly as the model was built (a
+        frozen pretrained base under adapters or prompts): checkpoints leave them out, and a
+        resumed run has them from the model it builds again from the same source and seed.
+        Asked after each task; every parameter named must have requires_grad off."""
+        return frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -277,6 +285,11 @@ class Chain(Strategy):
     def artifacts(self) -> dict[str, dict[str, Tensor]]:
         return {f"{strategy.name}/{key}": tensors for strategy in self.strategies
                 for key, tensors in strategy.artifacts().items()}
+
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        # What one strategy keeps frozen no other can train: the runner checks requires_grad.
+        return frozenset().union(*(strategy.unchanged_keys(model)
+                                   for strategy in self.strategies))
 
     def state_dict(self) -> dict[str, Any]:
         return {strategy.name: strategy.state_dict() for strategy in self.strategies}

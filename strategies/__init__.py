@@ -10,6 +10,7 @@ from strategies.freeze import Freeze, FreezeConfig
 from strategies.lora import LoRA, LoRAConfig
 from strategies.naive import Naive
 from strategies.ncm import NCM, NCMConfig
+from strategies.prompt import Prompt, PromptConfig
 from strategies.ranpac import RanPAC, RanPACConfig
 from strategies.replay import Replay, ReplayConfig
 from strategies.si import SI, SIConfig
@@ -17,5 +18,6 @@ from strategies.train_mask import TrainMask
 
 __all__ = ["AGEM", "DER", "DERPP", "EMA", "ERACE", "EWC", "SI", "AGEMConfig", "DERConfig",
            "DERPPConfig", "Distill", "DistillConfig", "EMAConfig", "ERACEConfig", "EWCConfig",
-           "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "NCM", "NCMConfig", "Naive", "RanPAC",
-           "RanPACConfig", "Replay", "ReplayConfig", "SIConfig", "TrainMask"]
+           "Freeze", "FreezeConfig", "LoRA", "LoRAConfig", "NCM", "NCMConfig", "Naive", "Prompt",
+           "PromptConfig", "RanPAC", "RanPACConfig", "Replay", "ReplayConfig", "SIConfig",
+           "TrainMask"]

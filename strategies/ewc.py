@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from cl.errors import UsageError
-from cl.models import device_of, eval_mode, model_input
+from cl.models import device_of, eval_mode, logits_of, model_input
 from cl.strategy import Strategy, after_module_changes
 from cl.types import Batch, Split, Stream, Task, check_hook_arguments, to_device
 
@@ -93,7 +93,7 @@ def linear_fisher(model: nn.Module, layers: dict[str, nn.Linear], split: Split,
                 rows = slice(start, start + chunk)
                 for kept in (*inputs.values(), *outputs.values()):
                     kept.clear()
-                logits = model(model_input(split.rows(rows)))
+                logits = logits_of(model, split.rows(rows))
                 if any(len(kept) != 1 or kept[0].dim() != 2 for kept in inputs.values()):
                     return None
                 if allowed is not None:

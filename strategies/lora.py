@@ -17,13 +17,17 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.errors import UsageError
-from cl.features import FeatureCache, logits_in_batches
 from cl.models import find_head, repeated_blocks, trainable_parameters, under
+from cl.routing import (  # noqa: F401 (the routing functions, where LoRA users look for them)
+    Router,
+    masked_entropy,
+    route_by_entropy,
+    route_by_prototype,
+    within_routed_task,
+)
 from cl.strategy import Strategy
 from cl.types import Batch, Split, Stream, Task
 
@@ -201,34 +205,6 @@ def adapter_matrices(model: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]
     return pairs
 
 
-def route_by_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
-    """Each row's task: the prototype (a task's mean feature, one per row of `prototypes`) with
-    the highest cosine similarity to the row's feature."""
-    return (F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).T).argmax(1)
-
-
-def masked_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
-    """Per row, the entropy of the softmax over the classes `allowed` marks (bool, classes)."""
-    log_p = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1)
-    p = log_p.exp()
-    return -(p * log_p.masked_fill(~allowed, 0.0)).sum(1)
-
-
-def route_by_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
-    """Each row's task: of the adapters' logits (tasks x rows x classes), the one whose softmax
-    over its own task's classes (`allowed`: tasks x classes) is surest (lowest entropy)."""
-    entropy = torch.stack([masked_entropy(task_logits, mask)
-                           for task_logits, mask in zip(logits, allowed, strict=True)])
-    return entropy.argmin(0)
-
-
-def within_routed_task(logits: Tensor, routes: Tensor, allowed: Tensor) -> Tensor:
-    """Rows' logits (each from the adapter it was routed to) with the classes outside the routed
-    task's (`allowed`: tasks x classes) at the lowest finite value: each row is classified
-    within the task the router chose."""
-    return logits.masked_fill(~allowed[routes], torch.finfo(logits.dtype).min)
-
-
 class LoRA(Strategy):
     """One LoRA adapter per task through peft's `inject_adapter_in_model`, on any nn.Module.
 
@@ -248,15 +224,9 @@ class LoRA(Strategy):
         self.trainable_per_task: list[int] = []
         self.merged: dict[str, dict[str, Tensor]] = {}  # merge=true keeps each adapter's weights
         self.current: str | None = None
-        # Routing (route != none): the evaluated rows are scored here, not by the runner.
+        # Routing (route prototype|entropy): the evaluated rows are scored here, not by the runner.
         self.predicts = self.config.route in ("prototype", "entropy")
-        self.base_features = FeatureCache("auto")  # the base model's, which never trains
-        self.prototypes: dict[int, Tensor] = {}  # task index -> mean base feature (prototype)
-        self.class_mask: Tensor | None = None  # tasks x classes
-        self.task_of_split: dict[int, int] = {}  # id of a task's test split -> its index
-        self.routing: list[list[float | None]] = []  # [after task i][task j]: rows routed right
-        self.at_task_end = False  # between after_task and the next before_task
-        self._scored: dict[int, Tensor] = {}  # this evaluation pass's logits per split
+        self.router = Router(self.config.route) if self.predicts else None
 
     def __repr__(self) -> str:
         return f"LoRA({self.config})"
@@ -290,10 +260,8 @@ class LoRA(Strategy):
         self.model = model
         self.head = find_head(model)
         self.targets = target_modules(model, self.config.targets, self.head)
-        self.class_mask = stream.class_mask()
-        self.task_of_split = {id(task.test): task.index for task in stream.tasks}
-        if not self.routing:  # a resumed run has its matrix back from load_state_dict
-            self.routing = [[None] * len(stream.tasks) for _ in stream.tasks]
+        if self.router is not None:
+            self.router.start(stream)
 
     def add_adapter(self, model: nn.Module, task_index: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -330,7 +298,8 @@ class LoRA(Strategy):
         self.current = name
 
     def before_task(self, model: nn.Module, task: Task) -> None:
-        self.at_task_end = False
+        if self.router is not None:
+            self.router.task_started()
         self.add_adapter(model, task.index)
         trainable = trainable_parameters(model)
         self.trainable_per_task.append(trainable)
@@ -342,29 +311,15 @@ class LoRA(Strategy):
             self.merged[name] = adapter_state(model, name)
             unwrap_merged(model, name)
             self.current = None
-        if self.config.route == "prototype":
-            with self.base_model(model):
-                features = self.base_features.of(model, task.train)
-            self.prototypes[task.index] = features.double().mean(0)
-        self.at_task_end = True
+        if self.router is not None:
+            self.router.task_ended(model, task, lambda: self.base_model(model))
 
     def eval_context(self, model: nn.Module, task: Task) -> AbstractContextManager[None]:
-        if self.predicts:
-            return self.scoring_pass()
+        if self.router is not None:
+            return self.router.scoring_pass()
         if self.config.merge or self.config.route == "sum" or not self.adapters:
             return contextlib.nullcontext()
         return self.task_adapter(model, task)
-
-    @contextlib.contextmanager
-    def scoring_pass(self) -> Iterator[None]:
-        """One pass over an evaluated task's rows: they are scored once, on its first batch,
-        and what the pass computed is dropped after (the next pass may see other weights: the
-        next step's, or EMA's average)."""
-        self._scored.clear()
-        try:
-            yield
-        finally:
-            self._scored.clear()
 
     @contextlib.contextmanager
     def base_model(self, model: nn.Module) -> Iterator[None]:
@@ -397,51 +352,10 @@ class LoRA(Strategy):
                     ) -> Tensor | None:
         if not self.adapters:
             return None  # before the first task: the base model, forwarded by the runner
-        if id(split) not in self._scored:
-            self._scored[id(split)] = self.score_split(model, split)
-        return self._scored[id(split)][rows]
-
-    def score_split(self, model: nn.Module, split: Split) -> Tensor:
-        """Every row of `split` routed to a trained task's adapter and classified within that
-        task's classes; the routing accuracy recorded when `split` is a task's test rows."""
         tasks = [int(name.removeprefix("task")) for name in self.adapters]
-        allowed = self.class_mask.to(split.y.device)[tasks]
-        everything = torch.arange(len(split), device=split.y.device)
-        if self.config.route == "prototype":
-            known = [task for task in tasks if task in self.prototypes]
-            if known:
-                with self.base_model(model):
-                    features = self.base_features.of(model, split)
-                prototypes = torch.stack([self.prototypes[t] for t in known]).to(features)
-                positions = torch.tensor([tasks.index(t) for t in known], device=features.device)
-                routes = positions[route_by_prototype(features, prototypes)]
-            else:  # during the first task, before it has a prototype: its adapter
-                routes = torch.full((len(split),), len(tasks) - 1, device=split.y.device)
-            logits = None
-            for position, task in enumerate(tasks):  # each adapter forwards its rows only
-                index = (routes == position).nonzero().squeeze(1)
-                if not len(index):
-                    continue
-                with self.task_adapter(model, task):
-                    scores = logits_in_batches(model, split.rows(index))
-                if logits is None:
-                    logits = scores.new_zeros((len(split), scores.shape[1]))
-                logits[index] = scores
-        else:
-            every_adapter = []
-            for task in tasks:
-                with self.task_adapter(model, task):
-                    every_adapter.append(logits_in_batches(model, split.rows(everything)))
-            stacked = torch.stack(every_adapter)
-            routes = route_by_entropy(stacked, allowed)
-            logits = stacked[routes, everything]
-        task = self.task_of_split.get(id(split))
-        # After a task, its adapter is the newest: row len(tasks) - 1 of the routing matrix.
-        row = self.routing[len(tasks) - 1]
-        if task in tasks and self.at_task_end and row[task] is None:  # R's view: evaluated first
-            chosen = torch.tensor(tasks, device=routes.device)[routes]
-            row[task] = float((chosen == task).float().mean())
-        return within_routed_task(logits, routes, allowed)
+        return self.router.logits(model, split, rows, tasks,
+                                  lambda task: self.task_adapter(model, task),
+                                  lambda: self.base_model(model))
 
     @contextlib.contextmanager
     def task_adapter(self, model: nn.Module, task: Task | int) -> Iterator[None]:
@@ -460,11 +374,8 @@ class LoRA(Strategy):
     def report(self) -> dict[str, Any]:
         report = {"adapters": len(self.adapters), "targets": self.targets,
                   "trainable_parameters_per_task": list(self.trainable_per_task)}
-        if self.predicts:
-            # Row i: after training task i; column j: the share of task j's test rows routed
-            # to task j's adapter (None: not evaluated, or before a task had an adapter).
-            report["routing_accuracy"] = [list(row) for row in self.routing]
-            report["feature_rows_computed"] = self.base_features.rows_computed
+        if self.router is not None:
+            report.update(self.router.report())
         return report
 
     def artifacts(self) -> dict[str, dict[str, Tensor]]:
@@ -472,12 +383,20 @@ class LoRA(Strategy):
             return dict(self.merged)
         return {name: adapter_state(self.model, name) for name in self.adapters}
 
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        """The base: every weight but the adapters' (and a shared head); none after a merge."""
+        if self.config.merge or not self.adapters:
+            return frozenset()
+        return frozenset(key for key in model.state_dict() if not any(
+            f".{name}." in f".{key}." for name in self.adapters)
+            and not (self.config.head == "shared" and under(key, self.head)))
+
     def state_dict(self) -> dict[str, Any]:
         # The adapters' weights live in the model's state dict; this is what rebuilds the model's
         # shape around them on resume.
         return {"adapters": len(self.adapters), "trainable_per_task": list(self.trainable_per_task),
-                "merged": dict(self.merged), "prototypes": dict(self.prototypes),
-                "routing": [list(row) for row in self.routing]}
+                "merged": dict(self.merged),
+                **(self.router.state_dict() if self.router is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = int(state["adapters"])
@@ -490,5 +409,5 @@ class LoRA(Strategy):
         else:
             self.adapters = [adapter_name(index) for index in range(count)]
         self.trainable_per_task = [int(n) for n in state["trainable_per_task"]]
-        self.prototypes = {int(k): v for k, v in state.get("prototypes", {}).items()}
-        self.routing = [list(row) for row in state.get("routing", [])]
+        if self.router is not None:
+            self.router.load_state_dict(state)

@@ -100,6 +100,9 @@ class NCM(Strategy):
         seen = (self.counts > 0).to(features.device)
         return mask_unseen(ncm_scores(features, means, self.config.metric), seen)
 
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        return self.frozen.unchanged_keys(model)
+
     def report(self) -> dict[str, Any]:
         if self.sums is None:
             return {}

@@ -172,6 +172,9 @@ class RanPAC(Strategy):
         scores = (expanded @ self.weights.to(expanded.device)).float()
         return mask_unseen(scores, self.seen.to(scores.device))
 
+    def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
+        return self.frozen.unchanged_keys(model)
+
     def report(self) -> dict[str, Any]:
         if self.weights is None:
             return {}

@@ -120,6 +120,35 @@ def test_resume_from_any_task_equals_the_uninterrupted_run(case):
         assert all(torch.equal(whole_weights[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("case, kept", [
+    ("lora", lambda key: ".task" in key),  # the adapters and their head copies
+    ("o-lora", lambda key: ".task" in key or key.startswith("head.")),  # and the shared head
+    ("ncm", lambda key: False),  # a model that never trains: nothing
+    ("ranpac adapt", lambda key: True),  # adapted on the first task: all of it
+])
+def test_checkpoints_leave_out_the_weights_kept_as_built(case, kept):
+    stream, model, strategy = fresh(case)
+    saved = []
+    run(model, stream, strategy, TrainConfig(batch_size=4, epochs=1, lr=0.05),
+        checkpoint=lambda state: saved.append((state["model"], list(model.state_dict()))))
+    assert len(saved) == 3
+    for weights, keys in saved:
+        assert sorted(weights) == sorted(k for k in keys if kept(k))
+
+
+def test_a_strategy_that_trains_what_it_calls_unchanged_is_caught():
+    class Liar(Strategy):
+        name = "liar"
+
+        def unchanged_keys(self, model):
+            return frozenset(model.state_dict())
+
+    stream, model, _ = fresh("ema")
+    with pytest.raises(RuntimeError, match="stays as built, but it trains"):
+        run(model, stream, Liar(), TrainConfig(batch_size=4, epochs=1, lr=0.05),
+            checkpoint=lambda state: None)
+
+
 @pytest.mark.parametrize("case", ["ema", "replay", "distill", "lora", "freeze"])
 def test_strategy_state_round_trips(case):
     stream, model, strategy = fresh(case)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import blob_stream
+from helpers import blob_stream, tiny_bert, token_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -14,7 +14,6 @@ from torch import nn
 from cl.errors import UsageError
 from cl.models import build_mlp
 from cl.runner import TrainConfig, run
-from cl.types import Split, Stream, Task
 from strategies import LoRA, LoRAConfig
 from strategies.lora import (
     adapter_state,
@@ -189,31 +188,9 @@ def test_bad_settings():
             LoRAConfig(**bad)
 
 
-def tiny_bert_stream(num_tasks=2):
-    """Token-id inputs for a transformers model: each class has its own frequent token."""
-    generator = torch.Generator().manual_seed(0)
-    tasks = []
-    for index in range(num_tasks):
-        classes = (2 * index, 2 * index + 1)
-
-        def split(rows, classes=classes):
-            y = torch.tensor(classes).repeat(rows // 2)
-            ids = torch.randint(5, 40, (len(y), 8), generator=generator)
-            ids[:, 1] = 40 + y  # the class's own token
-            ids[:, 0] = 1
-            return Split({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, y)
-        tasks.append(Task(f"t{index}", index, split(16), split(8), classes))
-    return Stream("tokens", tuple(tasks), "task", 2 * num_tasks, (8,))
-
-
 def test_lora_on_a_transformers_model():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    stream = tiny_bert_stream()
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=stream.num_classes))
+    stream = token_stream()
+    model = tiny_bert(stream.num_classes, positions=16)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora = LoRA(LoRAConfig(rank=2, targets=("*query", "*value")))
     result = run(model, stream, lora, TrainConfig(batch_size=4, epochs=2, lr=0.05))

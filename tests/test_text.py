@@ -190,6 +190,30 @@ def test_generic_form_with_own_columns_runs_lora_with_bwt_zero(root, backbone, t
     assert config["train_per_task"] == 24 and config["model"] == f"hf:{backbone}"
 
 
+def test_routed_prompts_from_the_cli_save_prompts_and_never_the_base(root, backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    code = cl("run", "--tasks", "text:datasets=news|reviews", "--data", root, "--model",
+              f"hf:{backbone}", "--scenario", "class", "--strategy",
+              "prompt:num_tokens=4,route=prototype", "--epochs", 1, "--batch-size", 8,
+              "--optimizer", "adamw", "--lr", 0.01, "--out", out)
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    routing = metrics["strategies"]["prompt"]["routing_accuracy"]
+    assert routing[0][1] is None and all(0 <= value <= 1 for value in routing[1])
+    checkpoint = out / "checkpoint"
+    assert sorted(p.name for p in (checkpoint / "prompt").iterdir()) == [
+        "task0.safetensors", "task1.safetensors"]
+    for name in ("task0", "task1"):
+        assert sorted(load_file(str(checkpoint / "prompt" / f"{name}.safetensors"))) == [
+            f"cl_prompts.{name}.embedding.weight", f"classifier.modules_to_save.{name}.bias",
+            f"classifier.modules_to_save.{name}.weight"]
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert weights and all(key.startswith(("cl_prompts.", "classifier.modules_to_save."))
+                           for key in weights)
+
+
 def test_text_cl_reads_its_layout_in_the_order_given(root, backbone, tmp_path):
     data = tmp_path / "data"
     for name, fixture in (("agnews", "news"), ("amazon", "reviews"), ("dbpedia", "news"),

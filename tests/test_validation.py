@@ -89,7 +89,11 @@ def test_the_cli_records_it_and_refuses_a_bad_fraction(tmp_path, capsys):
     metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
     config = json.loads((tmp_path / "val" / "config.json").read_text())
     assert config["val_fraction"] == 0.2
-    assert 0 <= metrics["variants"]["validation"]["acc"] <= 1
+    validation = metrics["variants"]["validation"]
+    assert 0 <= validation["acc"] <= 1
+    # Its curve: every evaluation, as the main one's (the last is R's last row).
+    assert len(validation["curve_accuracy"]) == len(metrics["curve"]["steps"])
+    assert validation["curve_accuracy"][-1] == validation["accuracy_matrix"][-1]
     assert cl("run", "--out", tmp_path / "bad", "--val-fraction", "1.5", *FAST) == 2
     err = capsys.readouterr().err
     assert "val_fraction must be at least 0 and below 1, got 1.5" in err
