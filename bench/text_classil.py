@@ -136,6 +136,7 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
             statistics.fmean(v for v in point if v == v)  # NaN: a task not evaluated there
             for point in validation["curve_accuracy"]],
         "curve_steps": metrics["curve"]["steps"],
+        "task_confusion": task_confusion(metrics, Path(args.data)),
         "command": " ".join(command[2:]).replace(str(out), "RUN"),
         "acc": metrics["acc"],
         "bwt": None if metrics["joint"] else metrics["bwt"],
@@ -150,6 +151,23 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
         "peak_rss_mb": metrics["peak_rss_mb"], "wall_seconds": time.perf_counter() - started,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+
+
+def task_confusion(metrics: dict, data: Path) -> list[list[float]]:
+    """After the last task: [i][j] the share of task i's test rows predicted as one of task j's
+    classes (text-cl gives each task a block of class ids, in stream order). Off the diagonal:
+    rows sent to another task's classes, the class-IL error no task id would have made."""
+    sizes = [len(json.loads((data / name / "labels.json").read_text()))
+             for name in metrics["task_names"]]
+    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    matrix = metrics["confusion_matrix"]
+    shares = []
+    for start, size in zip(starts, sizes, strict=True):
+        rows = matrix[start:start + size]
+        total = sum(map(sum, rows))
+        shares.append([sum(sum(row[other:other + width]) for row in rows) / max(total, 1)
+                       for other, width in zip(starts, sizes, strict=True)])
+    return shares
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
