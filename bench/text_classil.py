@@ -60,6 +60,12 @@ METHODS: dict[str, tuple[list[str], str]] = {
     "ranpac": (["--strategy", "ranpac"], "random projection and ridge on frozen features"),
     "ranpac+adapt": (["--lr", FULL_LR, "--strategy", "ranpac:adapt=first"],
                      "ranpac after fine-tuning on the first task"),
+    "ncm+aper": (["--lr", FULL_LR, "--strategy", "ncm:adapt=first,concat=true"],
+                 "ncm on the pretrained and the first-task-adapted features side by side "
+                 "(APER)"),
+    "ranpac+aper": (["--lr", FULL_LR, "--strategy", "ranpac:adapt=first,concat=true"],
+                    "ranpac on the pretrained and the first-task-adapted features side by "
+                    "side (APER's aggregation)"),
     "lora routed": (["--lr", ADAPTER_LR, "--strategy", "lora:rank=8,route=prototype"],
                     "a LoRA adapter and head per task, each row routed by the nearest task "
                     "prototype"),

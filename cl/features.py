@@ -3,6 +3,7 @@ cache that computes them once per split while the model does not change."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -137,11 +138,27 @@ class FrozenFeatures:
     tasks take gradient steps (none, or the first, to adapt the model, `adapt=first`), freezing
     the model from then on, and the features of each split, computed once after that."""
 
-    def __init__(self, adapt: str, features: str) -> None:
+    def __init__(self, adapt: str, features: str, concat: bool = False) -> None:
         if adapt not in ADAPT:
             raise ValueError(f"adapt must be one of {', '.join(ADAPT)}, got {adapt!r}")
+        if not isinstance(concat, bool):
+            raise ValueError(f"concat must be true or false, got {concat!r}")
+        if concat and adapt != "first":
+            raise ValueError("concat puts the pretrained model's features beside the adapted "
+                             "model's: it needs adapt=first")
         self.adapt = adapt
+        self.concat = concat
         self.cache = FeatureCache(features)
+        # concat (APER's aggregation): a frozen copy of the model as built, and its features.
+        self.pretrained: nn.Module | None = None
+        self.pretrained_cache = FeatureCache(features)
+        self._joined: dict[int, tuple[Split, Tensor]] = {}  # id(split) -> both, side by side
+
+    def start(self, model: nn.Module) -> None:
+        """Before the run (before any weight of `model` changes, and before a checkpoint's
+        weights are loaded into it): with concat, keep a frozen copy of the model as built."""
+        if self.concat and self.pretrained is None:
+            self.pretrained = copy.deepcopy(model).requires_grad_(False)
 
     def check_composition(self, name: str, chain: tuple) -> None:
         others = [s.name for s in chain if s.name != name and s.name not in COMPOSES_WITH]
@@ -164,19 +181,36 @@ class FrozenFeatures:
         feature computed before, the evaluation's before training among them)."""
         if self.trains(task):
             self.cache.clear()
+            self._joined.clear()
             model.requires_grad_(False)
-        return self.cache.of(model, task.train)
+        return self.of(model, task.train)
 
     def rows(self, model: nn.Module, split: Split, rows: slice | Tensor) -> Tensor:
-        return self.cache.of(model, split)[rows]
+        return self.of(model, split)[rows]
+
+    def of(self, model: nn.Module, split: Split) -> Tensor:
+        """The features of every row of `split`: the model's, or with concat the pretrained
+        model's and the adapted model's side by side (each computed once)."""
+        adapted = self.cache.of(model, split)
+        if self.pretrained is None:
+            return adapted
+        entry = self._joined.get(id(split))
+        if entry is None:
+            pretrained = self.pretrained_cache.of(self.pretrained, split)
+            entry = (split, torch.cat([pretrained, adapted.to(pretrained.device)], dim=1))
+            self._joined[id(split)] = entry
+        return entry[1]
 
     def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
         """Without adaptation the model stays as built: a checkpoint need not hold any of it."""
         return frozenset(model.state_dict()) if self.adapt == "none" else frozenset()
 
     def report(self) -> dict:
-        return {"feature_rows_computed": self.cache.rows_computed,
-                "feature_cache_bytes": self.cache.nbytes()}
+        joined = sum(value.numel() * value.element_size() for _, value in self._joined.values())
+        return {"feature_rows_computed": self.cache.rows_computed
+                + self.pretrained_cache.rows_computed,
+                "feature_cache_bytes": self.cache.nbytes() + self.pretrained_cache.nbytes()
+                + joined}
 
 
 def mask_unseen(scores: Tensor, seen: Tensor) -> Tensor:

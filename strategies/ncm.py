@@ -26,12 +26,15 @@ class NCMConfig:
     metric: Literal["cosine", "euclidean"] = "cosine"  # similarity of a row to a class mean
     adapt: Literal["none", "first"] = "none"  # first: train on task 0 as configured, then freeze
     features: Literal["auto", "head", "mean_tokens"] = "auto"  # see cl.features.FEATURES
+    # With adapt=first: the pretrained model's features beside the adapted model's (APER's
+    # aggregation, Zhou et al. 2023: what the first task taught, and what it may have lost).
+    concat: bool = False
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         check_features(self.features)
-        FrozenFeatures(self.adapt, self.features)  # checks adapt
+        FrozenFeatures(self.adapt, self.features, self.concat)  # checks adapt and concat
 
 
 def class_means(sums: Tensor, counts: Tensor) -> Tensor:
@@ -55,7 +58,8 @@ class NCM(Strategy):
 
     def __init__(self, config: NCMConfig | None = None) -> None:
         self.config = config if config is not None else NCMConfig()
-        self.frozen = FrozenFeatures(self.config.adapt, self.config.features)
+        self.frozen = FrozenFeatures(self.config.adapt, self.config.features,
+                                     self.config.concat)
         self.num_classes: int | None = None
         self.sums: Tensor | None = None  # float64 [classes, dim]: sums of each class's features
         self.counts: Tensor | None = None  # rows seen per class
@@ -71,6 +75,7 @@ class NCM(Strategy):
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         check_hook_arguments("ncm.before_run", model=model, stream=stream, seed=seed)
+        self.frozen.start(model)
         self.num_classes = stream.num_classes
         self.counts = torch.zeros(stream.num_classes, dtype=torch.int64)
 

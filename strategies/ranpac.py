@@ -36,6 +36,9 @@ class RanPACConfig:
     held_out: float = 0.2  # fraction of each task's training rows the ridge is chosen on
     adapt: Literal["none", "first"] = "none"  # first: train on task 0 as configured, then freeze
     features: Literal["auto", "head", "mean_tokens"] = "auto"  # see cl.features.FEATURES
+    # With adapt=first: the pretrained model's features beside the adapted model's (APER's
+    # aggregation, Zhou et al. 2023: what the first task taught, and what it may have lost).
+    concat: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.projection, bool) or not isinstance(self.projection, int) \
@@ -45,7 +48,7 @@ class RanPACConfig:
         if not (isinstance(self.held_out, (int, float)) and 0 < self.held_out < 1):
             raise ValueError(f"held_out must be in (0, 1), got {self.held_out!r}")
         check_features(self.features)
-        FrozenFeatures(self.adapt, self.features)  # checks adapt
+        FrozenFeatures(self.adapt, self.features, self.concat)  # checks adapt and concat
 
 
 def random_projection(dim: int, width: int, generator: torch.Generator) -> Tensor:
@@ -100,7 +103,8 @@ class RanPAC(Strategy):
 
     def __init__(self, config: RanPACConfig | None = None) -> None:
         self.config = config if config is not None else RanPACConfig()
-        self.frozen = FrozenFeatures(self.config.adapt, self.config.features)
+        self.frozen = FrozenFeatures(self.config.adapt, self.config.features,
+                                     self.config.concat)
         self.num_classes: int | None = None
         self.generator: torch.Generator | None = None
         self.projection: Tensor | None = None
@@ -121,6 +125,7 @@ class RanPAC(Strategy):
 
     def before_run(self, model: nn.Module, stream: Stream, seed: int) -> None:
         check_hook_arguments("ranpac.before_run", model=model, stream=stream, seed=seed)
+        self.frozen.start(model)
         self.num_classes = stream.num_classes
         self.generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
         self.seen = torch.zeros(stream.num_classes, dtype=torch.bool)

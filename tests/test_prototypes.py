@@ -4,6 +4,7 @@ against hand computations."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -138,6 +139,45 @@ def test_adapt_first_trains_on_task_0_only_then_the_features_are_those_of_the_tr
     adapted.load_state_dict(states[0])
     again = run(adapted, stream, hand, CONFIG)
     assert np.array_equal(again.accuracy[1:], result.accuracy[1:])
+
+
+def test_concat_puts_the_pretrained_features_beside_the_adapted_ones():
+    stream = blob_stream(num_tasks=3, classes_per_task=2, train_per_class=6, test_per_class=5)
+    model = tiny_model(stream)
+    pretrained = copy.deepcopy(model)
+    ncm = NCM(NCMConfig(adapt="first", concat=True))
+    result = run(model, stream, ncm, CONFIG)
+    assert not torch.equal(pretrained[0].weight, model[0].weight)  # task 0 adapted it
+
+    def both(x):
+        return torch.cat([hidden(pretrained, x), hidden(model, x)], 1)
+
+    # By hand after the last task: class means of both models' features, cosine argmax.
+    classes = sorted({c for task in stream.tasks for c in task.classes})
+    rows = torch.cat([both(task.train.x) for task in stream.tasks])
+    labels = torch.cat([task.train.y for task in stream.tasks])
+    means = torch.stack([rows[labels == c].mean(0) for c in classes])
+    for task in stream.tasks:
+        scores = F.normalize(both(task.test.x), dim=1) @ F.normalize(means, dim=1).T
+        predicted = torch.tensor(classes)[scores.argmax(1)]
+        accuracy = (predicted == task.test.y).sum().item() / len(task.test.y)
+        assert result.accuracy[-1, task.index] == pytest.approx(accuracy, abs=1e-12)
+    with pytest.raises(ValueError, match="needs adapt=first"):
+        NCMConfig(concat=True)
+    with pytest.raises(ValueError, match="needs adapt=first"):
+        RanPACConfig(concat=True)
+
+
+@pytest.mark.parametrize("strategy", ["ncm", "ranpac"])
+def test_concat_resumes_with_the_pretrained_copy_of_the_rebuilt_model(strategy):
+    stream = blob_stream(num_tasks=3)
+    make = {"ncm": lambda: NCM(NCMConfig(adapt="first", concat=True)),
+            "ranpac": lambda: RanPAC(RanPACConfig(projection=16, adapt="first", concat=True))}
+    saved = []
+    whole = run(tiny_model(stream), stream, make[strategy](), CONFIG,
+                checkpoint=lambda state: saved.append(state))
+    resumed = run(tiny_model(stream), stream, make[strategy](), CONFIG, resume=saved[1])
+    assert np.array_equal(resumed.accuracy, whole.accuracy)
 
 
 def test_each_split_is_forwarded_once_for_features():
