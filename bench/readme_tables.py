@@ -129,8 +129,8 @@ def text_classil() -> str:
 
     lines = ["| method | runs | ACC | of joint | BWT | forgetting | routing | trainable "
              "parameters | train s | eval s | peak MiB |", "|---" * 11 + "|"]
-    entries = [*data["methods"].items()] + ([("joint", data["joint"])] if "joint" in data
-                                            else [])
+    entries = [*data["methods"].items()] + ([(data["joint"]["method"], data["joint"])]
+                                            if "joint" in data else [])
     for name, entry in entries:
         fraction = "-" if "fraction_of_joint" not in entry else (
             f"{100 * entry['fraction_of_joint']:.1f}%")
