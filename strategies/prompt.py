@@ -265,15 +265,12 @@ class Prompt(Strategy):
 
     def artifacts(self) -> dict[str, dict[str, Tensor]]:
         """Per task, its prompt and its head copy; a shared head as `head`: the base never."""
-        state = self.model.state_dict()
+        from strategies.lora import adapter_state  # a task's tensors: keys with `.task<k>.`
 
-        def tensors(keep: Any) -> dict[str, Tensor]:
-            return {key: value.detach().clone() for key, value in state.items() if keep(key)}
-
-        artifacts = {name: tensors(lambda key, name=name: f".{name}." in f".{key}.")
-                     for name in self.prompts}
+        artifacts = {name: adapter_state(self.model, name) for name in self.prompts}
         if self.config.head == "shared" and self.prompts:
-            artifacts["head"] = tensors(lambda key: under(key, self.head))
+            artifacts["head"] = {key: value.detach().clone() for key, value
+                                 in self.model.state_dict().items() if under(key, self.head)}
         return artifacts
 
     def unchanged_keys(self, model: nn.Module) -> frozenset[str]:
