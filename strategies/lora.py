@@ -151,10 +151,14 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.enable_adapters(True)
         layer.set_adapter(name)
         if isinstance(layer, ModulesToSaveWrapper):
-            # peft only unfreezes here; a head copy injected beside an active one stays
-            # trainable unless told otherwise.
-            for key, head in layer.modules_to_save.items():
-                head.requires_grad_(key == name)
+            train_head_copy(layer, name)
+
+
+def train_head_copy(wrapper: nn.Module, name: str) -> None:
+    """Only head copy `name` of peft's ModulesToSaveWrapper trainable: peft's switches only
+    unfreeze, so a copy injected beside an active one would stay trainable otherwise."""
+    for key, head in wrapper.modules_to_save.items():
+        head.requires_grad_(key == name)
 
 
 def disable_adapters(model: nn.Module) -> None:

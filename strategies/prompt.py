@@ -188,13 +188,14 @@ class Prompt(Strategy):
         """Prompt `name` (the newest) in front of every row, it and its head trainable only."""
         from peft.utils import ModulesToSaveWrapper
 
+        from strategies.lora import train_head_copy
+
         self.use(model, name)
         for key, prompt in getattr(model, PROMPTS).items():
             prompt.requires_grad_(key == name)
         head = model.get_submodule(self.head)
         if isinstance(head, ModulesToSaveWrapper):  # per task: its own copy trains
-            for key, copy in head.modules_to_save.items():
-                copy.requires_grad_(key == name)
+            train_head_copy(head, name)
         if self.config.head == "shared":
             for parameter_name, parameter in model.named_parameters():
                 if under(parameter_name, self.head):
