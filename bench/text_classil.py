@@ -14,9 +14,10 @@ eval seconds, peak memory, and ACC as a fraction of joint training's on the same
     python bench/text_classil.py --data ../shared/data/text --methods ncm,ranpac --seeds 1
 
 Settings are chosen on validation rows, never on test rows: `--val-fraction 0.1` holds out a
-seeded tenth of each task's training rows, `--lr` and `--epochs` override a method's, and each
-such run is kept under its setting (`lr=...,epochs=...,val=0.1`) with its validation ACC. The
-summary's `selection` lists them per method; `CHOSEN` below records the setting the table then
+seeded tenth of each task's training rows, `--lr` and `--epochs` override a method's, `--options`
+adds to its strategy's settings (`--options projection=5000`), and each such run is kept under
+its setting (`lr=...,epochs=...,val=0.1`) with its validation ACC. The summary's `selection`
+lists them per method; `CHOSEN` below records the setting the table then
 uses (run without the held-out rows).
 
     python bench/text_classil.py --data ../shared/data/text --methods "prompt routed" \
@@ -108,13 +109,28 @@ def setting_of(args: argparse.Namespace) -> tuple[str, list[str]]:
     if args.eval_every:
         parts.append(f"eval_every={args.eval_every}")
         extra += ["--eval-every", str(args.eval_every)]
+    if args.options:
+        parts.append(f"options={args.options}")
     return ",".join(parts), extra
+
+
+def with_options(extra: list[str], options: str | None) -> list[str]:
+    """The method's `cl run` arguments with `options` (key=value,...) added to its first
+    strategy's spec (a second `--strategy` would compose another strategy, not override)."""
+    if not options:
+        return extra
+    if "--strategy" not in extra:
+        raise SystemExit(f"--options {options!r}: the method has no --strategy to add them to")
+    at = extra.index("--strategy") + 1
+    spec = extra[at]
+    return [*extra[:at], spec + ("," if ":" in spec else ":") + options, *extra[at + 1:]]
 
 
 def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dict:
     extra, _ = METHODS[method]
     setting, overrides = setting_of(args)
-    extra = [*extra, *overrides]  # repeated options: the last one given wins
+    # Repeated `cl run` options: the last one given wins.
+    extra = [*with_options(extra, args.options), *overrides]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
         command = [sys.executable, "-m", "cli", "run", "--tasks",
@@ -249,6 +265,8 @@ def main() -> None:
                         help="hold out this fraction of each task's training rows")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="steps between evaluations (validation curve along training)")
+    parser.add_argument("--options", help="settings added to the methods' (first) strategy, "
+                        "e.g. projection=5000")
     parser.add_argument("--runs", default=str(RESULTS / "text_classil_runs.jsonl"))
     parser.add_argument("--out", default=str(RESULTS / "text_classil.json"))
     args = parser.parse_args()
