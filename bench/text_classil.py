@@ -86,31 +86,41 @@ METHODS: dict[str, tuple[list[str], str]] = {
 }
 
 
-# method -> the setting (overrides of METHODS, chosen on validation) the summary reports.
-CHOSEN: dict[str, str] = {}
+# method -> its overrides of METHODS chosen on validation rows (`selection` in the summary): what
+# a run without --lr, --epochs or --options uses, and the setting the summary reports.
+CHOSEN: dict[str, dict[str, str]] = {}
 # The joint upper bound ACC is measured against: joint training with its epoch count chosen on
-# validation rows (`selection.joint`: the validation ACC after each of 5 epochs), not the
-# one-epoch budget of the sequential methods, which leaves the model undertrained.
+# validation rows (`selection.joint`: the validation ACC after each epoch), not the one-epoch
+# budget of the sequential methods, which leaves the model undertrained.
 JOINT_REFERENCE = "joint 3 epochs"  # provisional: validation still rises at 5 epochs
+OVERRIDES = ("lr", "epochs", "options")  # the `cl run` settings a method's are overridden with
 
 
-def setting_of(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The overrides asked for, as the setting's name and as `cl run` arguments."""
+def overrides_of(method: str, args: argparse.Namespace) -> dict[str, str]:
+    """The overrides `method` runs with: those on the command line, else its CHOSEN ones."""
+    given = {key: str(getattr(args, key)) for key in OVERRIDES if getattr(args, key) is not None}
+    return given if given else CHOSEN.get(method, {})
+
+
+def setting_of(overrides: dict[str, str], val_fraction: float = 0.0,
+               eval_every: int = 0) -> tuple[str, list[str]]:
+    """A run's overrides, as the setting's name and as `cl run` arguments (options aside: they
+    go into the method's strategy spec)."""
     parts, extra = [], []
-    if args.lr is not None:
-        parts.append(f"lr={args.lr}")
-        extra += ["--lr", args.lr]
-    if args.epochs is not None:
-        parts.append(f"epochs={args.epochs}")
-        extra += ["--epochs", str(args.epochs)]
-    if args.val_fraction:
-        parts.append(f"val={args.val_fraction}")
-        extra += ["--val-fraction", str(args.val_fraction)]
-    if args.eval_every:
-        parts.append(f"eval_every={args.eval_every}")
-        extra += ["--eval-every", str(args.eval_every)]
-    if args.options:
-        parts.append(f"options={args.options}")
+    if "lr" in overrides:
+        parts.append(f"lr={overrides['lr']}")
+        extra += ["--lr", overrides["lr"]]
+    if "epochs" in overrides:
+        parts.append(f"epochs={overrides['epochs']}")
+        extra += ["--epochs", overrides["epochs"]]
+    if val_fraction:
+        parts.append(f"val={val_fraction}")
+        extra += ["--val-fraction", str(val_fraction)]
+    if eval_every:
+        parts.append(f"eval_every={eval_every}")
+        extra += ["--eval-every", str(eval_every)]
+    if "options" in overrides:
+        parts.append(f"options={overrides['options']}")
     return ",".join(parts), extra
 
 
@@ -128,9 +138,10 @@ def with_options(extra: list[str], options: str | None) -> list[str]:
 
 def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dict:
     extra, _ = METHODS[method]
-    setting, overrides = setting_of(args)
+    chosen = overrides_of(method, args)
+    setting, overrides = setting_of(chosen, args.val_fraction, args.eval_every)
     # Repeated `cl run` options: the last one given wins.
-    extra = [*with_options(extra, args.options), *overrides]
+    extra = [*with_options(extra, chosen.get("options")), *overrides]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
         command = [sys.executable, "-m", "cli", "run", "--tasks",
@@ -201,6 +212,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def chosen_setting(method: str) -> str:
+    """The setting the summary reports for `method`: its CHOSEN overrides, on every row."""
+    return setting_of(CHOSEN.get(method, {}))[0]
+
+
 def selection(rows: list[dict]) -> dict:
     """Per method, every setting run with validation rows: its mean validation ACC over the
     runs made, and which setting CHOSEN holds."""
@@ -208,7 +224,7 @@ def selection(rows: list[dict]) -> dict:
     for row in rows:
         if row.get("val_acc") is not None:
             found.setdefault(row["method"], {}).setdefault(row["setting"], []).append(row)
-    return {method: {"chosen": CHOSEN.get(method, ""), "candidates": [
+    return {method: {"chosen": chosen_setting(method), "candidates": [
         {"setting": setting, "runs": [(r["order"], r["seed"]) for r in mine],
          "val_acc_mean": statistics.fmean(r["val_acc"] for r in mine),
          # Along training (--eval-every): the steps and the validation ACC there, per run.
@@ -221,7 +237,7 @@ def summarise(rows: list[dict], runs: list[tuple[int, int]]) -> dict:
     """Per method whose every (order, seed) is done: means and stds; ACC against joint's on the
     same order and seed."""
     by_key = {(r["method"], r["order"], r["seed"]): r for r in rows
-              if r.get("setting", "") == CHOSEN.get(r["method"], "")}
+              if r.get("setting", "") == chosen_setting(r["method"])}
     summary: dict = {"methods": {}, "selection": selection(rows)}
     for method, (_, description) in METHODS.items():
         mine = [by_key.get((method, order, seed)) for order, seed in runs]
@@ -278,9 +294,9 @@ def main() -> None:
     runs_path = Path(args.runs)
     rows = [json.loads(line) for line in runs_path.read_text().splitlines()
             if line.strip()] if runs_path.is_file() else []
-    setting, _ = setting_of(args)
     done = {(r["method"], r["order"], r["seed"], r.get("setting", "")) for r in rows}
     for method in methods:
+        setting, _ = setting_of(overrides_of(method, args), args.val_fraction, args.eval_every)
         for order in orders:
             for seed in range(args.seeds):
                 if (method, order, seed, setting) in done:
