@@ -151,7 +151,8 @@ def text_classil_runs(order: int = 1, seed: int = 0) -> str:
     lines = ["| method | ACC | " + " | ".join(names) + " | BWT | routing | train s | eval s |",
              "|---" * (6 + len(names)) + "|"]
     for row in rows:
-        if (row["order"], row["seed"]) != (order, seed):
+        # Runs on held-out rows choose settings: text_classil_selection lists them.
+        if (row["order"], row["seed"]) != (order, seed) or "val=" in row.get("setting", ""):
             continue
         final = " | ".join(f"{100 * value:.1f}" for value in row["accuracy_matrix"][-1])
         bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.2f}"
@@ -159,6 +160,29 @@ def text_classil_runs(order: int = 1, seed: int = 0) -> str:
         name = row["method"] + (f" ({row['setting']})" if row.get("setting") else "")
         lines.append(f"| `{name}` | {100 * row['acc']:.2f} | {final} | {bwt} | "
                      f"{routing} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def text_classil_selection() -> str:
+    """The settings tried on validation rows, per method: validation ACC (with --eval-every,
+    after each epoch), and the setting chosen."""
+    data = json.loads((RESULTS / "text_classil.json").read_text())
+    lines = ["| method | setting | runs (order, seed) | validation ACC | chosen |",
+             "|---" * 5 + "|"]
+    for method, found in data["selection"].items():
+        chosen = found["chosen"]
+        for candidate in found["candidates"]:
+            setting = candidate["setting"]
+            curves = candidate["val_curves"]
+            value = f"{100 * candidate['val_acc_mean']:.2f}"
+            if curves:  # at every eval_every steps (225: one epoch of joint training)
+                value = "along training: " + ", ".join(
+                    f"{100 * point:.2f}" for point in curves[0]["val_acc"])
+            runs = ", ".join(f"{order}/{seed}" for order, seed in candidate["runs"])
+            mine = ",".join(part for part in setting.split(",") if not part.startswith(
+                ("val=", "eval_every=")))
+            lines.append(f"| `{method}` | {setting} | {runs} | {value} | "
+                         f"{'yes' if mine == chosen else ''} |")
     return "\n".join(lines)
 
 
@@ -174,3 +198,5 @@ if __name__ == "__main__":
     print(text_classil())
     print()
     print(text_classil_runs())
+    print()
+    print(text_classil_selection())

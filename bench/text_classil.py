@@ -235,7 +235,7 @@ def selection(rows: list[dict]) -> dict:
          "val_acc_mean": statistics.fmean(r["val_acc"] for r in mine),
          # Along training (--eval-every): the steps and the validation ACC there, per run.
          "val_curves": [{"steps": r["curve_steps"], "val_acc": r["val_curve"]} for r in mine
-                        if r.get("val_curve") and len(r["val_curve"]) > 2]}
+                        if "eval_every=" in r["setting"]]}
         for setting, mine in sorted(settings.items())]} for method, settings in found.items()}
 
 
