@@ -189,7 +189,8 @@ def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dic
         "task_names": metrics["task_names"],
         # Routing after the last task, averaged over the tasks.
         "routing_accuracy": None if routing is None else statistics.fmean(routing[-1]),
-        "trainable_parameters": metrics["trainable_parameters"],
+        "trainable_parameters": metrics["trainable_parameters"],  # at the end
+        "trained_parameters": metrics.get("trained_parameters"),  # by any task
         "trainable_parameters_per_task": lora.get("trainable_parameters_per_task"),
         "train_seconds": metrics["train_seconds"], "eval_seconds": metrics["eval_seconds"],
         "peak_rss_mb": metrics["peak_rss_mb"], "wall_seconds": time.perf_counter() - started,
@@ -256,7 +257,11 @@ def summarise(rows: list[dict], runs: list[tuple[int, int]]) -> dict:
             values = [row[key] for row in mine if row[key] is not None]
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
-        entry["trainable_parameters"] = mine[0]["trainable_parameters"]
+        entry["trainable_parameters"] = mine[0]["trainable_parameters"]  # at the end
+        # What any task trained (the same in every run of a method; runs made before cl
+        # counted it have none).
+        entry["trained_parameters"] = next((row["trained_parameters"] for row in mine
+                                            if row.get("trained_parameters") is not None), None)
         entry["per_run"] = [{"order": row["order"], "seed": row["seed"], "acc": row["acc"]}
                             for row in mine]
         joints = [by_key.get((JOINT_REFERENCE, order, seed)) for order, seed in runs]

@@ -458,7 +458,8 @@ def metrics_of(built: Built, result: Any) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         # The accelerator's own peak (allocated tensors), where the run had one.
         "peak_gpu_memory_mb": torch_peak_gpu_mb(built.config.device),
-        "trainable_parameters": trainable_parameters(built.model),
+        "trainable_parameters": trainable_parameters(built.model),  # at the end
+        "trained_parameters": result.trained_parameters,  # by any task, each counted once
         "strategies": built.strategy.report(),
         "resumed_from": result.resumed_from,
         "versions": versions(),

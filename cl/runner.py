@@ -140,6 +140,10 @@ class RunResult:
     # outside the class scenario).
     variants: dict[str, dict] = field(default_factory=dict)
     resumed_from: int | None = None  # the number of tasks a resumed run found already done
+    # The parameters any training phase trained (each counted once): a run that trains the
+    # backbone on its first task only, or one adapter per task, is not described by what is
+    # still trainable at its end.
+    trained_parameters: int = 0
 
 
 def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -468,8 +472,9 @@ class Progress:
         self.state = state if state is not None else {
             "next_phase": 0, "step": 0, "curve_steps": [], "task_end_steps": [],
             "train_seconds": 0.0, "eval_seconds": 0.0, "events": [], "train_rows": 0,
-            "eval_rows": 0, "views": {view: {"rows": [], "task_rows": [], "curve_rows": [],
-                                             "curve_task_rows": []} for view in views}}
+            "eval_rows": 0, "trained_parameters": {},
+            "views": {view: {"rows": [], "task_rows": [], "curve_rows": [], "curve_task_rows": []}
+                      for view in views}}
         if sorted(self.state["views"]) != sorted(views):
             raise UsageError("the checkpoint was written by a run with other strategies")
         self.mark = time.perf_counter()
@@ -555,6 +560,8 @@ class Progress:
             events=state["events"],
             variants=views,
             resumed_from=resumed_from,
+            # A checkpoint written before this count was kept has none.
+            trained_parameters=sum(state.get("trained_parameters", {}).values()),
         )
 
 
@@ -641,6 +648,10 @@ def run(model: nn.Module, stream: Stream, strategy: Strategy | None = None,
             # The optimizer is rebuilt per task, after before_task has frozen or added parameters.
             trains = steps_per_epoch[phase] > 0
             optimizer = task_optimizer(model, strategy, task, config) if trains else None
+            if trains:
+                progress.state.setdefault("trained_parameters", {}).update(
+                    (name, parameter.numel()) for name, parameter in model.named_parameters()
+                    if parameter.requires_grad)
             task_ids = task_ids.to(device)
             window = LossWindow(device)
             task_step = 0

@@ -113,6 +113,7 @@ def test_resume_from_any_task_equals_the_uninterrupted_run(case):
         stream, model, strategy = fresh(case)
         resumed = run(model, stream, strategy, config, resume=saved[done - 1])
         assert resumed.resumed_from == done
+        assert resumed.trained_parameters == whole.trained_parameters
         assert np.array_equal(resumed.accuracy, whole.accuracy)
         assert np.array_equal(resumed.curve_accuracy, whole.curve_accuracy, equal_nan=True)
         for name, variant in whole.variants.items():
@@ -134,6 +135,20 @@ def test_checkpoints_leave_out_the_weights_kept_as_built(case, kept):
     assert len(saved) == 3
     for weights, keys in saved:
         assert sorted(weights) == sorted(k for k in keys if kept(k))
+
+
+@pytest.mark.parametrize("case, trained", [
+    ("ema", lambda name: True),  # plain fine-tuning: every parameter
+    ("ncm", lambda name: False),  # no gradient step at all
+    ("ranpac adapt", lambda name: not name.startswith("body.1.")),  # task 0, as Freeze left it
+    ("lora", lambda name: ".task" in name),  # every task's adapter and head copy, once each
+])
+def test_trained_parameters_count_what_any_task_trained(case, trained):
+    stream, model, strategy = fresh(case)
+    result = run(model, stream, strategy, TrainConfig(batch_size=4, epochs=1, lr=0.05))
+    assert result.trained_parameters == sum(
+        parameter.numel() for name, parameter in model.named_parameters() if trained(name))
+    assert result.trained_parameters > 0 or case == "ncm"
 
 
 def test_a_strategy_that_trains_what_it_calls_unchanged_is_caught():

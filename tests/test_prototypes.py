@@ -216,6 +216,7 @@ def test_cl_run_with_ncm_on_the_default_stream(tmp_path):
     assert cl("run", "--strategy", "ncm", "--out", out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 0 and metrics["trainable_parameters"] == 0
+    assert metrics["trained_parameters"] == 0
     assert metrics["acc"] > 0.5
     report = metrics["strategies"]["ncm"]
     assert report["classes_seen"] == 10 and report["feature_rows_computed"] > 0
