@@ -7,7 +7,7 @@ Each (method, order, seed) is its own `cl run` process, so peak memory is the ru
 finished run is appended to a JSON-lines file, so an interrupted invocation resumes. The
 summary, bench/results/text_classil.json, gives per method the mean and std over the 9 runs of
 ACC, BWT, forgetting, the routing accuracy (routed adapters), trainable parameters, train and
-eval seconds, peak memory, and ACC as a fraction of joint training's on the same order and seed.
+eval seconds, peak memory, and ACC as a fraction of joint training's (JOINT_RUNS below).
 
     pip install -e ".[text]"
     python bench/text_classil.py --data ../shared/data/text
@@ -99,6 +99,9 @@ EXTRA = ("lora entropy", "ncm+aper", "ranpac+aper", "joint 3 epochs")
 # validation rows (`selection.joint`: the validation ACC after each epoch), not the one-epoch
 # budget of the sequential methods, which leaves the model undertrained.
 JOINT_REFERENCE = "joint 3 epochs"  # provisional: validation still rises at 5 epochs
+# Joint training sees every task at once: an order only renumbers the classes (and where the
+# rows stand before the shuffle), so the reference is 3 runs, each seed on another order.
+JOINT_RUNS = ((1, 0), (2, 1), (3, 2))
 OVERRIDES = ("lr", "epochs", "options")  # the `cl run` settings a method's are overridden with
 
 
@@ -240,39 +243,46 @@ def selection(rows: list[dict]) -> dict:
         for setting, mine in sorted(settings.items())]} for method, settings in found.items()}
 
 
+def measure(method: str, mine: list[dict]) -> dict:
+    """One method's runs: means and stds of what each run measured."""
+    entry: dict = {"description": METHODS[method][1], "command": mine[0]["command"],
+                   "runs": len(mine)}
+    for key in ("acc", "bwt", "forgetting", "routing_accuracy", "train_seconds",
+                "eval_seconds", "peak_rss_mb", "wall_seconds"):
+        values = [row[key] for row in mine if row[key] is not None]
+        if values:
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
+    entry["trainable_parameters"] = mine[0]["trainable_parameters"]  # at the end
+    # What any task trained (the same in every run of a method; runs made before cl counted it
+    # have none).
+    entry["trained_parameters"] = next((row["trained_parameters"] for row in mine
+                                        if row.get("trained_parameters") is not None), None)
+    entry["per_run"] = [{"order": row["order"], "seed": row["seed"], "acc": row["acc"]}
+                        for row in mine]
+    return entry
+
+
 def summarise(rows: list[dict], runs: list[tuple[int, int]]) -> dict:
-    """Per method whose every (order, seed) is done: means and stds; ACC against joint's on the
-    same order and seed."""
+    """Per method whose every (order, seed) is done: means and stds, and ACC as a fraction of
+    joint's mean ACC (joint's runs: JOINT_RUNS among the orders and seeds asked for)."""
     by_key = {(r["method"], r["order"], r["seed"]): r for r in rows
               if r.get("setting", "") == chosen_setting(r["method"])}
     summary: dict = {"methods": {}, "selection": selection(rows)}
-    for method, (_, description) in METHODS.items():
+    joint_runs = [(order, seed) for order, seed in JOINT_RUNS if (order, seed) in runs]
+    joints = [by_key.get((JOINT_REFERENCE, order, seed)) for order, seed in joint_runs]
+    joint_acc = None
+    if joint_runs and all(row is not None for row in joints):
+        summary["joint"] = {"method": JOINT_REFERENCE, **measure(JOINT_REFERENCE, joints)}
+        joint_acc = summary["joint"]["acc_mean"]
+    for method in METHODS:
         mine = [by_key.get((method, order, seed)) for order, seed in runs]
-        if any(row is None for row in mine):
+        if method == JOINT_REFERENCE or any(row is None for row in mine):
             continue
-        entry: dict = {"description": description, "command": mine[0]["command"],
-                       "runs": len(mine)}
-        for key in ("acc", "bwt", "forgetting", "routing_accuracy", "train_seconds",
-                    "eval_seconds", "peak_rss_mb", "wall_seconds"):
-            values = [row[key] for row in mine if row[key] is not None]
-            if values:
-                entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
-        entry["trainable_parameters"] = mine[0]["trainable_parameters"]  # at the end
-        # What any task trained (the same in every run of a method; runs made before cl
-        # counted it have none).
-        entry["trained_parameters"] = next((row["trained_parameters"] for row in mine
-                                            if row.get("trained_parameters") is not None), None)
-        entry["per_run"] = [{"order": row["order"], "seed": row["seed"], "acc": row["acc"]}
-                            for row in mine]
-        joints = [by_key.get((JOINT_REFERENCE, order, seed)) for order, seed in runs]
-        if all(joint is not None for joint in joints):
-            fractions = [row["acc"] / joint["acc"] for row, joint in zip(mine, joints,
-                                                                        strict=True)]
-            entry["fraction_of_joint"], entry["fraction_of_joint_std"] = mean_std(fractions)
-        if method == JOINT_REFERENCE:
-            summary["joint"] = {"method": method, **entry}
-        else:
-            summary["methods"][method] = entry
+        entry = measure(method, mine)
+        if joint_acc is not None:
+            entry["fraction_of_joint"], entry["fraction_of_joint_std"] = mean_std(
+                [row["acc"] / joint_acc for row in mine])
+        summary["methods"][method] = entry
     return summary
 
 
