@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from text_classil import CHOSEN  # bench/ is the script's directory, first on sys.path
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -163,7 +165,10 @@ def text_classil_runs(order: int = 1, seed: int = 0) -> str:
         final = " | ".join(f"{100 * value:.1f}" for value in row["accuracy_matrix"][-1])
         bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.2f}"
         routing = "-" if row["routing_accuracy"] is None else f"{100 * row['routing_accuracy']:.1f}"
-        name = row["method"] + (f" ({row['setting']})" if row.get("setting") else "")
+        name = row["method"] + (f" ({row['setting']})" if row.get("setting") else
+                                # METHODS' own settings, where validation chose more epochs
+                                " (epochs=1)" if "epochs" in CHOSEN.get(row["method"], {})
+                                else "")
         lines.append(f"| `{name}` | {100 * row['acc']:.2f} | {final} | {bwt} | "
                      f"{routing} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
     return "\n".join(lines)
