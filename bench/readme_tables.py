@@ -160,7 +160,7 @@ def text_classil_runs(order: int = 1, seed: int = 0) -> str:
              "|---" * (6 + len(names)) + "|"]
     for row in rows:
         # Runs on held-out rows choose settings: text_classil_selection lists them.
-        if (row["order"], row["seed"]) != (order, seed) or "val=" in row.get("setting", ""):
+        if (row["order"], row["seed"]) != (order, seed) or row.get("val_acc") is not None:
             continue
         final = " | ".join(f"{100 * value:.1f}" for value in row["accuracy_matrix"][-1])
         bwt = "-" if row["bwt"] is None else f"{100 * row['bwt']:.2f}"

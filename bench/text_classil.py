@@ -149,9 +149,10 @@ def with_options(extra: list[str], options: str | None) -> list[str]:
     return [*extra[:at], spec + ("," if ":" in spec else ":") + options, *extra[at + 1:]]
 
 
-def run_one(method: str, order: int, seed: int, args: argparse.Namespace) -> dict:
+def run_one(method: str, order: int, seed: int, chosen: dict[str, str],
+            args: argparse.Namespace) -> dict:
+    """One `cl run` of `method` with the overrides `chosen` (`overrides_of`)."""
     extra, _ = METHODS[method]
-    chosen = overrides_of(method, args)
     setting, overrides = setting_of(chosen, args.val_fraction, args.eval_every)
     # Repeated `cl run` options: the last one given wins.
     extra = [*with_options(extra, chosen.get("options")), *overrides]
@@ -324,14 +325,15 @@ def main() -> None:
     done = {(r["method"], r["order"], r["seed"], r.get("setting", "")) for r in rows}
     asked = [(order, seed) for order in orders for seed in range(args.seeds)]
     for method in methods:
-        setting, _ = setting_of(overrides_of(method, args), args.val_fraction, args.eval_every)
+        chosen = overrides_of(method, args)
+        setting, _ = setting_of(chosen, args.val_fraction, args.eval_every)
         # The joint reference runs on JOINT_RUNS only; a run choosing its epochs, where asked.
         cells = [cell for cell in asked if cell in JOINT_RUNS] \
             if method == JOINT_REFERENCE and not args.val_fraction else asked
         for order, seed in cells:
             if (method, order, seed, setting) in done:
                 continue
-            row = run_one(method, order, seed, args)
+            row = run_one(method, order, seed, chosen, args)
             rows.append(row)
             with runs_path.open("a") as file:
                 file.write(json.dumps(row) + "\n")
